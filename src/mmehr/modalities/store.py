@@ -1,0 +1,531 @@
+"""The embedding store: every modality event encoded once by a frozen encoder, kept as fp16 on disk.
+
+`mmehr encode --events DIR --encoder NAME --out DIR` writes one store per (modality, encoder):
+
+```
+OUT/
+  settings.json          encoder, weights checksum, preprocessing, pooling: a rerun must match them
+  shards/shard-K.f16     fp16 tokens of many events back to back, (n_tokens, d_enc) row-major
+  parts/part-K.parquet   index rows of shard K, written after the shard is renamed into place: a shard
+                         counts as done only once its part exists (its commit record)
+  index.parquet          subject_id, time (µs), event_id, modality, encoder, shard, offset, length
+                         (offset/length in tokens), sorted by subject_id, time
+  skipped.parquet        events whose payload could not be read or encoded, with the reason
+  manifest.json          written last: encoder, preprocessing, weights checksum, d_enc, counts
+```
+
+Encoding is resumable: an interrupted run (exception, Ctrl-C, SIGKILL) leaves finished shards and at
+most one unfinished `.partial` file; a rerun deletes the unfinished file, skips every event of a
+finished shard and encodes the rest into new shards, so no event is lost or stored twice. A rerun
+after new events were indexed encodes only the new ones. Memory stays bounded by one batch plus the
+index rows of one shard. Only valid tokens are stored (N_event <= N), optionally stride-pooled
+(`--stride-pool S`: mean of S consecutive tokens, summary tokens such as CLS kept apart) and
+truncated (`--max-tokens N`).
+
+Readers never load the store: `EmbeddingStore(dir)` memory-maps the shards and keeps a per-subject
+time-sorted index; `events_before(subject, t, k)` and the batched `fetch` return the most recent k
+events strictly before t.
+
+Size math for full MIMIC (fp16, d_enc = 768, so 1,536 bytes per token):
+
+| modality / encoder          | events   | tokens per event     | store     | with --stride-pool 4    |
+|-----------------------------|----------|----------------------|-----------|-------------------------|
+| ECG, ECG-FM (2 x 5 s)       | ~800k    | 312                  | ~383 GB   | ~96 GB                  |
+| ECG, CSFM                   | ~800k    | 1,201                | ~1.48 TB  | ~370 GB (S=10: ~149 GB) |
+| CXR, BiomedCLIP / ViT-MAE   | ~377k    | 197                  | ~114 GB   | ~29 GB                  |
+| notes, discharge (BERT)     | ~332k    | 512 (truncated)      | ~261 GB   | ~65 GB                  |
+| notes, radiology (BERT)     | ~2.32M   | ~200 on average      | ~713 GB   | ~182 GB                 |
+
+The weight-free baselines (d_enc = 128, 256 B per token) are small: ecg-patch 10 tokens (~2 GB for
+all ECGs), cxr-patch 64 tokens (~6 GB for all CXRs), note-hash <= 257 tokens (<= ~175 GB for all notes).
+
+So: encode only the cohort's events (`--only-subjects`, the subjects of the training/evaluation
+windows), pool (`--stride-pool`) and cap tokens (`--max-tokens`) where the disk is small, or encode on
+the fly where compute is cheaper than disk. A training batch of 16 windows x 3 modalities x K_m = 4
+events reads at most 16 x 4 x (312 + 197 + 512) x 1,536 B ~ 100 MB from the page cache (~25 MB pooled
+4x); `benchmarks/bench_encode.py` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, write_json
+from mmehr.modalities.encoders import REGISTRY, FrozenEncoder, check_payload, get_encoder
+
+INDEX_SCHEMA = {
+    "subject_id": pl.Int64,
+    "time": pl.Int64,
+    "event_id": pl.String,
+    "modality": pl.String,
+    "encoder": pl.String,
+    "shard": pl.Int32,
+    "offset": pl.Int64,
+    "length": pl.Int32,
+    "skip_reason": pl.String,
+}
+REQUIRED_EVENT_COLUMNS = ("subject_id", "time", "modality", "event_id", "payload")
+
+
+# --------------------------------------------------------------------------------------------------
+# Events in, payloads
+
+
+def read_events(
+    events_dir: str | Path, modality: str, only_subjects: Iterable[int] | None = None
+) -> pl.DataFrame:
+    """The modality events of `events_dir/events.parquet` (a finished `mmehr index` output), sorted by
+    (subject_id, time, event_id); optionally only those of `only_subjects`."""
+    events_dir = Path(events_dir)
+    read_manifest(events_dir)  # fails clearly if the index stage never finished
+    path = events_dir / "events.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `mmehr index` to write it")
+    events = pl.read_parquet(path)
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; expected at least {list(REQUIRED_EVENT_COLUMNS)}"
+        )
+    if events.schema["time"] != pl.Int64:
+        if not isinstance(events.schema["time"], pl.Datetime):
+            raise ValueError(f"{path}: column time must be int64 µs since epoch, got {events.schema['time']}")
+        events = events.with_columns(pl.col("time").dt.epoch("us"))
+    events = events.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("event_id").cast(pl.String))
+    events = events.filter(pl.col("modality") == modality)
+    nulls = [c for c in ("subject_id", "time", "event_id") if events[c].null_count()]
+    if nulls:
+        raise ValueError(
+            f"{path}: {modality} events with empty {nulls}; every event needs a subject, a time and an id"
+        )
+    if only_subjects is not None:
+        events = events.filter(pl.col("subject_id").is_in(list(only_subjects)))
+    dup = events.filter(pl.col("event_id").is_duplicated())
+    if dup.height:
+        raise ValueError(
+            f"{path}: event_id must be unique; {dup.height} rows share ids, e.g. {dup['event_id'][0]!r}"
+        )
+    return events.sort("subject_id", "time", "event_id")
+
+
+def load_event_payload(events_dir: Path, row: dict[str, Any]) -> Any:
+    """A note whose text is in the events table (`text` column) is used as is; anything else goes
+    through `mmehr.modalities.sources.load_payload(events_dir, row)`."""
+    if row.get("modality") == "note" and isinstance(row.get("text"), str):
+        return row["text"]
+    try:
+        from mmehr.modalities.sources import load_payload
+    except ImportError as e:
+        raise RuntimeError(
+            f"cannot load {row.get('modality')} payloads: mmehr.modalities.sources is unavailable ({e})"
+        ) from e
+    return load_payload(events_dir, row)
+
+
+def read_subject_list(path: str | Path) -> list[int]:
+    """Subject ids from a parquet file (column subject_id) or a text file (one id per line, # comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--only-subjects: {path} does not exist")
+    if path.suffix == ".parquet":
+        df = pl.read_parquet(path)
+        if "subject_id" not in df.columns:
+            raise ValueError(f"{path}: needs a subject_id column")
+        return df["subject_id"].cast(pl.Int64).to_list()
+    ids = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if line:
+            try:
+                ids.append(int(line))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a subject id: {line!r}") from None
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def pool_tokens(emb: np.ndarray, stride: int, n_prefix: int = 0) -> np.ndarray:
+    """(n, d) -> (n_prefix + ceil((n - n_prefix) / stride), d): means of `stride` consecutive tokens;
+    the first `n_prefix` (summary) tokens are kept as they are; the last window may be shorter."""
+    if stride <= 1 or len(emb) <= n_prefix:
+        return emb
+    head, body = emb[:n_prefix], emb[n_prefix:].astype(np.float32)
+    starts = np.arange(0, len(body), stride)
+    counts = np.diff(np.append(starts, len(body)))[:, None]
+    pooled = np.add.reduceat(body, starts, axis=0) / counts
+    return np.concatenate([head.astype(np.float32), pooled]).astype(emb.dtype)
+
+
+def _shard_path(root: Path, k: int) -> Path:
+    return root / "shards" / f"shard-{k:05d}.f16"
+
+
+def _part_path(root: Path, k: int) -> Path:
+    return root / "parts" / f"part-{k:05d}.parquet"
+
+
+class ShardWriter:
+    """Appends fp16 token blocks of events to shard K; on a clean exit renames it into place and writes
+    its index part last. An exception inside the `with` block leaves nothing that a rerun would trust."""
+
+    def __init__(self, root: Path, k: int, d: int, *, encoder: str, modality: str):
+        self.root, self.k, self.d, self.encoder, self.modality = root, k, d, encoder, modality
+        self.path = _shard_path(root, k)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.rows: list[dict[str, Any]] = []
+        self.offset = 0
+
+    def __enter__(self) -> ShardWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.partial, "wb")
+        return self
+
+    def add(self, event: dict[str, Any], emb: np.ndarray) -> None:
+        """Append one event's tokens, emb (n, d)."""
+        assert emb.ndim == 2 and emb.shape[1] == self.d and len(emb) > 0, emb.shape
+        self.file.write(np.ascontiguousarray(emb, dtype=np.float16).tobytes())
+        self.rows.append(self._row(event, self.offset, len(emb), None))
+        self.offset += len(emb)
+
+    def skip(self, event: dict[str, Any], reason: str) -> None:
+        self.rows.append(self._row(event, 0, 0, reason))
+
+    def _row(self, event: dict[str, Any], offset: int, length: int, reason: str | None) -> dict[str, Any]:
+        return {
+            "subject_id": event["subject_id"], "time": event["time"], "event_id": event["event_id"],
+            "modality": self.modality, "encoder": self.encoder, "shard": self.k, "offset": offset,
+            "length": length, "skip_reason": reason,
+        }  # fmt: skip
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # nothing of this shard may be trusted
+            self.file.close()
+            self.partial.unlink(missing_ok=True)
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+        with atomic_path(_part_path(self.root, self.k)) as tmp:  # the commit record, written last
+            pl.DataFrame(self.rows, schema=INDEX_SCHEMA).write_parquet(tmp)
+
+
+def _recover(root: Path, d: int) -> tuple[pl.DataFrame, int]:
+    """Drop what an interrupted run left unfinished; return the finished parts' rows and the next shard id."""
+    for stale in list(root.glob("shards/.*")) + list(root.glob("parts/.*")):
+        stale.unlink()
+    parts = []
+    shard_ids = set()
+    for part in sorted(root.glob("parts/part-*.parquet")):
+        k = int(part.stem.split("-")[1])
+        rows = pl.read_parquet(part)
+        data = _shard_path(root, k)
+        if not data.is_file() or data.stat().st_size != int(rows["length"].sum()) * d * 2:
+            print(
+                f"warning: {data} is missing or truncated; re-encoding its {rows.height} events",
+                file=sys.stderr,
+            )
+            part.unlink()
+            data.unlink(missing_ok=True)
+            continue
+        parts.append(rows)
+        shard_ids.add(k)
+    for data in root.glob("shards/shard-*.f16"):
+        if int(data.stem.split("-")[1]) not in shard_ids:  # renamed, but its part was never written
+            data.unlink()
+    done = pl.concat(parts) if parts else pl.DataFrame(schema=INDEX_SCHEMA)
+    return done, max(shard_ids, default=-1) + 1
+
+
+def _settings(encoder: FrozenEncoder, stride_pool: int, max_tokens: int | None) -> dict[str, Any]:
+    body = encoder.max_tokens - encoder.n_prefix
+    bound = encoder.n_prefix + -(-body // max(stride_pool, 1))
+    return {
+        "encoder": encoder.name,
+        "modality": encoder.modality,
+        "weights_checksum": encoder.weights_checksum,
+        "preprocessing": encoder.preprocessing,
+        "d_enc": encoder.d_enc,
+        "n_prefix": encoder.n_prefix,
+        "dtype": "float16",
+        "stride_pool": stride_pool,
+        "token_limit": max_tokens,
+        "max_tokens": min(bound, max_tokens) if max_tokens else bound,
+    }
+
+
+def _check_settings(root: Path, settings: dict[str, Any]) -> None:
+    path = root / "settings.json"
+    if path.is_file():
+        old = read_json(path)
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"{root} holds a store made with other settings (differs in {diff}); "
+                "choose another --out, or delete that directory to start over"
+            )
+    else:
+        write_json(path, settings)
+
+
+def encode_events(
+    events_dir: str | Path,
+    encoder: FrozenEncoder,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    stride_pool: int = 1,
+    only_subjects: Iterable[int] | None = None,
+    shard_events: int = 1024,
+    workers: int = 4,
+    load_payload: Callable[[Path, dict[str, Any]], Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every `encoder.modality` event of `events_dir` not yet in the store at `out`; return the manifest.
+
+    `load_payload(events_dir, row)` reads one payload (default: `load_event_payload`); a payload that
+    fails to load (OSError/ValueError/KeyError) or validate is recorded in skipped.parquet, not fatal,
+    and is not retried by a rerun (delete the store to retry).
+    """
+    if batch_size < 1 or shard_events < 1 or stride_pool < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError("batch_size, shard_events, stride_pool and max_tokens must be positive")
+    events_dir, root = Path(events_dir), Path(out)
+    events = read_events(events_dir, encoder.modality, only_subjects)
+    settings = _settings(encoder, stride_pool, max_tokens)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_settings(root, settings)
+    done, k = _recover(root, encoder.d_enc)
+    todo = events.join(done.select("event_id"), on="event_id", how="anti").sort(
+        "subject_id", "time", "event_id"
+    )
+    if todo.is_empty() and is_complete(root):
+        print(f"{root}: all {events.height} {encoder.modality} events already encoded with {encoder.name}")
+        return read_manifest(root)
+    (root / MANIFEST).unlink(missing_ok=True)  # the store is changing: not trustworthy until finalised
+
+    load = load_payload or load_event_payload
+
+    def load_one(row: dict[str, Any]) -> Any:
+        try:
+            return check_payload(encoder.modality, load(events_dir, row))
+        except (OSError, ValueError, KeyError) as e:  # unreadable, corrupt or missing payload: skip it
+            return e
+
+    t0, n_new = time.perf_counter(), 0
+    bar = tqdm(total=events.height, initial=events.height - todo.height, unit="event", desc=f"encode {encoder.name}",
+               disable=not progress)  # fmt: skip
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        for start in range(0, todo.height, shard_events):
+            with ShardWriter(
+                root, k, encoder.d_enc, encoder=encoder.name, modality=encoder.modality
+            ) as shard:
+                for batch in todo.slice(start, shard_events).iter_slices(batch_size):
+                    rows = batch.to_dicts()
+                    payloads = list(pool.map(load_one, rows)) if workers > 0 else [load_one(r) for r in rows]
+                    _encode_batch(encoder, rows, payloads, shard, stride_pool, max_tokens)
+                    n_new += len(rows)
+                    bar.update(len(rows))
+                    bar.set_postfix(events_per_s=f"{n_new / (time.perf_counter() - t0):.1f}")
+            k += 1
+    bar.close()
+    manifest = finalise_store(root, settings, events_dir=events_dir)
+    rate = n_new / max(time.perf_counter() - t0, 1e-9)
+    c = manifest["counts"]
+    print(f"encoded {n_new} events at {rate:.1f} events/s; store: {c['events']} events, {c['skipped']} skipped, "
+          f"{c['tokens']} tokens, {c['bytes'] / 1e6:.1f} MB -> {root}")  # fmt: skip
+    return manifest
+
+
+def _encode_batch(
+    encoder, rows, payloads, shard: ShardWriter, stride_pool: int, max_tokens: int | None
+) -> None:
+    good = [i for i, p in enumerate(payloads) if not isinstance(p, Exception)]
+    for row, p in zip(rows, payloads, strict=True):
+        if isinstance(p, Exception):
+            shard.skip(row, f"{type(p).__name__}: {p}")
+    if not good:
+        return
+    emb, mask = encoder.encode([payloads[i] for i in good])
+    emb, mask = emb.cpu().numpy(), mask.cpu().numpy()
+    for j, i in enumerate(good):
+        n = int(mask[j].sum())
+        if not mask[j, :n].all():
+            raise RuntimeError(
+                f"encoder {encoder.name} returned a token mask whose valid tokens are not first"
+            )
+        tokens = pool_tokens(emb[j, :n], stride_pool, encoder.n_prefix)[:max_tokens]
+        if len(tokens) == 0:
+            shard.skip(rows[i], "the encoder produced no tokens")
+        else:
+            shard.add(rows[i], tokens)
+
+
+def finalise_store(root: Path, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Merge the finished parts into index.parquet / skipped.parquet and write manifest.json last."""
+    parts = sorted(root.glob("parts/part-*.parquet"))
+    rows = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=INDEX_SCHEMA)
+    index = (
+        rows.filter(pl.col("skip_reason").is_null())
+        .drop("skip_reason")
+        .sort("subject_id", "time", "event_id")
+    )
+    skipped = rows.filter(pl.col("skip_reason").is_not_null()).select(
+        "subject_id", "time", "event_id", "skip_reason"
+    )
+    skipped = skipped.sort("subject_id", "time", "event_id")
+    with atomic_path(root / "index.parquet") as tmp:
+        index.write_parquet(tmp)
+    with atomic_path(root / "skipped.parquet") as tmp:
+        skipped.write_parquet(tmp)
+    tokens = int(index["length"].sum()) if index.height else 0
+    manifest = {
+        **settings,
+        **{k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in extra.items()},
+        "counts": {
+            "events": index.height,
+            "skipped": skipped.height,
+            "subjects": index["subject_id"].n_unique() if index.height else 0,
+            "tokens": tokens,
+            "shards": len(parts),
+            "bytes": tokens * settings["d_enc"] * 2,
+        },
+    }
+    write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+class EmbeddingStore:
+    """Read side of a finished store: memory-mapped shards plus a per-subject, time-sorted index.
+
+    `events_before(subject_id, time_us, k)` -> [(time_us, emb (N, d_enc) float16 view)], most recent
+    first, strictly before `time_us`. `fetch(...)` does the same for a batch and pads.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.encoder, self.modality = self.manifest["encoder"], self.manifest["modality"]
+        self.d_enc, self.n_prefix = int(self.manifest["d_enc"]), int(self.manifest["n_prefix"])
+        idx = pl.read_parquet(
+            self.root / "index.parquet", columns=["subject_id", "time", "shard", "offset", "length"]
+        )
+        idx = idx.sort("subject_id", "time", maintain_order=True)
+        self.subject = idx["subject_id"].to_numpy()
+        self.time = idx["time"].to_numpy()
+        self.shard = idx["shard"].to_numpy()
+        self.offset = idx["offset"].to_numpy()
+        self.length = idx["length"].to_numpy()
+        self.subject_ids, self._start = np.unique(self.subject, return_index=True)
+        self._end = np.append(self._start[1:], len(self.subject))
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.subject)
+
+    def _tokens(self, k: int) -> np.memmap:
+        if k not in self._maps:
+            self._maps[k] = np.memmap(_shard_path(self.root, k), dtype=np.float16, mode="r").reshape(
+                -1, self.d_enc
+            )
+        return self._maps[k]
+
+    def embedding(self, i: int) -> np.ndarray:
+        """Tokens of index row i: (length, d_enc) float16, a view into the memory map."""
+        o = self.offset[i]
+        return self._tokens(int(self.shard[i]))[o : o + self.length[i]]
+
+    def rows_before(self, subject_id: int, time_us: int, k: int) -> np.ndarray:
+        """Index rows of the subject's last k events acquired strictly before time_us, most recent first."""
+        s = np.searchsorted(self.subject_ids, subject_id)
+        if s == len(self.subject_ids) or self.subject_ids[s] != subject_id or k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        lo, hi = self._start[s], self._end[s]
+        j = lo + np.searchsorted(self.time[lo:hi], time_us, side="left")  # equal times are not before
+        return np.arange(j - 1, max(lo, j - k) - 1, -1)
+
+    def events_before(self, subject_id: int, time_us: int, k: int) -> list[tuple[int, np.ndarray]]:
+        return [(int(self.time[i]), self.embedding(i)) for i in self.rows_before(subject_id, time_us, k)]
+
+    def fetch(
+        self, subject_ids: Sequence[int], times_us: Sequence[int], k: int, n_tokens: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For each (subject, time): its last k events strictly before time, most recent first, padded.
+
+        Returns emb (B, k, N, d_enc) float16, token_mask (B, k, N) bool, event_time (B, k) int64 µs,
+        event_mask (B, k) bool. N = `n_tokens` (longer events truncated) or the longest event fetched.
+        """
+        rows = [self.rows_before(int(s), int(t), k) for s, t in zip(subject_ids, times_us, strict=True)]
+        longest = max((int(self.length[r].max()) for r in rows if len(r)), default=1)
+        N = n_tokens or longest
+        B = len(rows)
+        emb = np.zeros((B, k, N, self.d_enc), dtype=np.float16)
+        token_mask = np.zeros((B, k, N), dtype=bool)
+        event_time = np.zeros((B, k), dtype=np.int64)
+        event_mask = np.zeros((B, k), dtype=bool)
+        for b, rr in enumerate(rows):
+            for j, i in enumerate(rr):
+                n = min(int(self.length[i]), N)
+                emb[b, j, :n] = self.embedding(i)[:n]
+                token_mask[b, j, :n] = True
+                event_time[b, j] = self.time[i]
+                event_mask[b, j] = True
+        return emb, token_mask, event_time, event_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# `mmehr encode`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", required=True, help="directory written by `mmehr index` (events.parquet)")
+    parser.add_argument("--encoder", required=True, choices=list(REGISTRY), help="frozen encoder name")
+    parser.add_argument("--out", required=True, help="store directory (resumed if it exists)")
+    parser.add_argument("--weights", help="local weights file or directory of a pretrained encoder")
+    parser.add_argument("--batch-size", type=int, default=32, help="events per encoder call (default 32)")
+    parser.add_argument("--max-tokens", type=int, help="keep at most N tokens per event (after pooling)")
+    parser.add_argument(
+        "--stride-pool", type=int, default=1, help="mean-pool S consecutive tokens (default 1: off)"
+    )
+    parser.add_argument(
+        "--only-subjects", help="file of subject ids (text, one per line, or parquet subject_id)"
+    )
+    parser.add_argument("--shard-events", type=int, default=1024, help="events per shard, the unit of resume")
+    parser.add_argument("--workers", type=int, default=4, help="threads reading payloads (default 4)")
+    parser.add_argument(
+        "--device", default="auto", help="torch device for the encoder (default: cuda if available)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    read_manifest(args.events)  # a missing/unfinished events directory fails before any work
+    only = read_subject_list(args.only_subjects) if args.only_subjects else None
+    encoder = get_encoder(args.encoder, weights=args.weights)  # missing weights fail here, before any work
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    encoder.to(device)
+    encode_events(
+        args.events, encoder, args.out, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        stride_pool=args.stride_pool, only_subjects=only, shard_events=args.shard_events, workers=args.workers,
+    )  # fmt: skip
+    print(f"wrote {Path(args.out) / MANIFEST}")
+    return 0
