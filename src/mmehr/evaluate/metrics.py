@@ -92,14 +92,16 @@ def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
 def choose_threshold(y: np.ndarray, p: np.ndarray, criterion: str = "f1_macro") -> float:
     """Threshold maximising macro (or positive-class) F1 on these labels: call it on the TUNING split.
 
-    Candidates are the distinct predicted values (rollout fractions take few values); ties keep the lowest.
-    Falls back to 0.5 when the split has a single class.
+    Candidates are the distinct predicted values (rollout fractions take few values) and one just above
+    the largest (nothing predicted positive, which a degenerate model's tuning split can favour); ties keep
+    the lowest. Falls back to 0.5 when the split has a single class.
     """
     y = np.asarray(y, dtype=bool)
     if y.all() or not y.any():
         return 0.5
     best_t, best = 0.5, -1.0
-    for t in np.unique(p):
+    candidates = np.unique(p)
+    for t in np.r_[candidates, np.nextafter(candidates[-1], np.inf)]:
         macro, pos = f1_scores(y, p, float(t))
         score = macro if criterion == "f1_macro" else pos
         if score > best:
