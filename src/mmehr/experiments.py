@@ -1,0 +1,313 @@
+"""The paper's experiments as one command: `mmehr ablate --grid FILE --out DIR`.
+
+A grid file (YAML) lists runs, each a set of training-config overrides (modalities, encoder per modality,
+compression method, k, l, ...), and the tables to build from them:
+
+    base: ../demo.yaml                 # training config, relative to the grid file
+    tasks: [icu_mortality, hospital_mortality]
+    rollouts: 20
+    max_samples: 200                   # per task and split (null: all)
+    seeds: [0, 1]
+    set: ["optim.max_steps=600"]       # overrides for every run
+    runs:
+      ehr_only: ["model.modalities={}"]
+      notes: [...]
+    knockout: [all_three]              # runs also evaluated with each modality hidden
+    tables:
+      - {title: "Table 2: modalities", runs: [ehr_only, notes], task: icu_mortality}
+
+Each (run, seed) is trained (`mmehr train`) and evaluated (`mmehr evaluate`) in its own directory under
+DIR/runs/<run>/seed<k>/; a run whose outputs are complete is skipped, so an interrupted grid resumes.
+Results: DIR/results.parquet (one row per run, seed, task, metric), DIR/tables.md and DIR/tables.json
+(per table: mean over seeds, spread, and the bootstrap CI of each seed), one plot per table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mmehr.config import from_dict, load_yaml
+from mmehr.io import atomic_path, is_complete, write_json
+
+TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
+
+
+@dataclass
+class TableSpec:
+    title: str
+    runs: list[str]
+    task: str | None = None  # None: every task of the grid
+
+
+@dataclass
+class Grid:
+    base: str
+    runs: dict[str, list[str]]
+    tasks: list[str] = field(default_factory=lambda: ["icu_mortality"])
+    rollouts: int = 20
+    max_samples: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    set: list[str] = field(default_factory=list)
+    knockout: list[str] = field(default_factory=list)
+    tables: list[TableSpec] = field(default_factory=list)
+    evaluate_args: list[str] = field(default_factory=list)
+
+
+def load_grid(path: str | Path) -> tuple[Grid, Path]:
+    path = Path(path)
+    grid = from_dict(Grid, load_yaml(path), where=str(path))
+    base = (path.parent / grid.base).resolve()
+    if not base.is_file():
+        raise FileNotFoundError(f"{path}: base config {base} does not exist")
+    for t in grid.tables:
+        missing = [r for r in t.runs if r not in grid.runs]
+        if missing:
+            raise ValueError(f"{path}: table {t.title!r} names runs {missing} that the grid does not define")
+    unknown = [r for r in grid.knockout if r not in grid.runs]
+    if unknown:
+        raise ValueError(f"{path}: knockout names unknown runs {unknown}")
+    return grid, base
+
+
+def _mmehr(*args: str, log: Path | None = None) -> None:
+    """Run one `mmehr` stage in a child process (its progress bars go to the terminal)."""
+    cmd = [sys.executable, "-m", "mmehr.cli", *args]
+    print("$ mmehr " + " ".join(args), flush=True)
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"`mmehr {' '.join(args)}` failed with exit code {result.returncode}")
+
+
+def run_dir(out: Path, run: str, seed: int) -> Path:
+    return out / "runs" / run / f"seed{seed}"
+
+
+def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -> Path:
+    """Train and evaluate one (run, seed) unless its outputs are complete; returns its directory."""
+    d = run_dir(out, run, seed)
+    train_dir, eval_dir = d / "train", d / "eval"
+    if not is_complete(train_dir):
+        overrides = [*grid.set, *grid.runs[run], f"run.seed={seed}"]
+        _mmehr(
+            "train",
+            "--config",
+            str(base),
+            "--out",
+            str(train_dir),
+            *[a for o in overrides for a in ("--set", o)],
+        )
+    if not is_complete(eval_dir):
+        args = [
+            "evaluate",
+            "--checkpoint",
+            str(train_dir),
+            "--task",
+            *grid.tasks,
+            "--rollouts",
+            str(grid.rollouts),
+        ]
+        if grid.max_samples is not None:
+            args += ["--max-samples", str(grid.max_samples)]
+        if run in grid.knockout:
+            args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
+        _mmehr(*args, *grid.evaluate_args, "--out", str(eval_dir))
+    return d
+
+
+def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: {metric: {value, lo, hi}}} of one task: "full", and "without_<modality>" knock-outs."""
+    path = eval_dir / task / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: evaluation of {task} did not finish")
+    result = json.loads(path.read_text())
+    out = {"full": result["metrics"]}
+    for modality, k in (result.get("knockout") or {}).items():
+        out[f"without_{modality}"] = k["metrics"]
+    return out
+
+
+def collect(grid: Grid, out: Path) -> pl.DataFrame:
+    """One row per (run, seed, variant, task, metric) from finished evaluations."""
+    rows = []
+    for run in grid.runs:
+        for seed in grid.seeds:
+            eval_dir = run_dir(out, run, seed) / "eval"
+            if not is_complete(eval_dir):
+                continue
+            for task in grid.tasks:
+                for variant, metrics in read_metrics(eval_dir, task).items():
+                    for metric, v in metrics.items():
+                        value = v.get("value")
+                        rows.append((run, seed, variant, task, metric, value, v.get("lo"), v.get("hi")))
+    schema = {
+        "run": pl.String,
+        "seed": pl.Int64,
+        "variant": pl.String,
+        "task": pl.String,
+        "metric": pl.String,
+        "value": pl.Float64,
+        "lo": pl.Float64,
+        "hi": pl.Float64,
+    }
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def _cell(values: pl.DataFrame) -> str:
+    """mean ± sd over seeds, and the CI when there is one seed."""
+    v = values["value"].to_numpy()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return "n/a"
+    if v.size == 1:
+        lo, hi = values["lo"][0], values["hi"][0]
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and not np.isnan(lo) else ""
+        return f"{v[0]:.3f}{ci}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]:
+    """The paper's table layout: one row per run, AUROC / AUPRC / F1 (macro) / F1 (positive)."""
+    parts, records = [], []
+    specs = grid.tables or [TableSpec(title="All runs", runs=list(grid.runs))]
+    full = results.filter(pl.col("variant") == "full")
+    for spec in specs:
+        for task in [spec.task] if spec.task else grid.tasks:
+            n_seeds = len(grid.seeds)
+            note = f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "value [95% bootstrap CI]"
+            parts.append(f"### {spec.title}: {task}\n\n{note}\n")
+            parts.append("| run | AUROC | AUPRC | F1 (macro) | F1 (positive) |")
+            parts.append("|---|---|---|---|---|")
+            for run in spec.runs:
+                cells = []
+                for metric in TABLE_METRICS:
+                    sel = full.filter(
+                        (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("metric") == metric)
+                    )
+                    cells.append(_cell(sel))
+                    if sel.height:
+                        vals = sel["value"].to_numpy()
+                        records.append(
+                            {
+                                "table": spec.title,
+                                "task": task,
+                                "run": run,
+                                "metric": metric,
+                                "mean": float(np.nanmean(vals)),
+                                "sd": float(np.nanstd(vals, ddof=1)) if vals.size > 1 else None,
+                                "values": vals.tolist(),
+                            }
+                        )
+                parts.append(f"| {run} | " + " | ".join(cells) + " |")
+            parts.append("")
+    knock = results.filter((pl.col("variant") != "full") & (pl.col("metric") == "auroc"))
+    if knock.height:
+        parts.append("### Modality knock-out (AUROC; the same checkpoint with one modality hidden)\n")
+        parts.append("| run | task | full | " + " | ".join(sorted(set(knock["variant"]))) + " |")
+        parts.append("|---|---|---|" + "---|" * len(set(knock["variant"])))
+        for (run, task), _ in knock.group_by(["run", "task"], maintain_order=True):
+            base = full.filter(
+                (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("metric") == "auroc")
+            )
+            cells = [_cell(base)]
+            for variant in sorted(set(knock["variant"])):
+                cells.append(
+                    _cell(
+                        knock.filter(
+                            (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("variant") == variant)
+                        )
+                    )
+                )
+            parts.append(f"| {run} | {task} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts), records
+
+
+def plot_table(title: str, task: str, runs: list[str], results: pl.DataFrame, out_png: Path) -> Path:
+    """AUROC per run (one dot per seed, bar = mean, whisker = bootstrap CI of a single seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = results.filter(
+        (pl.col("variant") == "full") & (pl.col("task") == task) & (pl.col("metric") == "auroc")
+    )
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(runs)), 3.6))
+    for x, run in enumerate(runs):
+        r = sel.filter(pl.col("run") == run)
+        if not r.height:
+            continue
+        vals = r["value"].to_numpy()
+        ax.bar(x, np.nanmean(vals), color="#8fb3d9", width=0.6)
+        ax.scatter(np.full(vals.size, x), vals, color="#1f4e79", zorder=3, s=14)
+        if r.height == 1 and r["lo"][0] is not None:
+            ax.errorbar(
+                x, vals[0], yerr=[[vals[0] - r["lo"][0]], [r["hi"][0] - vals[0]]], color="k", capsize=4
+            )
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(runs)), runs, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"AUROC ({task})")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def write_tables(grid: Grid, out: Path) -> Path:
+    results = collect(grid, out)
+    with atomic_path(out / "results.parquet") as tmp:
+        results.write_parquet(tmp)
+    md, records = tables_markdown(grid, results)
+    plots = []
+    for i, spec in enumerate(grid.tables):
+        task = spec.task or grid.tasks[0]
+        png = plot_table(spec.title, task, spec.runs, results, out / "plots" / f"table{i + 1}.png")
+        plots.append(png)
+        md += f"\n![{spec.title}](plots/{png.name})\n"
+    with atomic_path(out / "tables.md") as tmp:
+        tmp.write_text(md)
+    write_json(out / "tables.json", records)
+    return out / "tables.md"
+
+
+def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None) -> Path:
+    grid, base = load_grid(grid_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(r, s) for r in grid.runs if not only or r in only for s in grid.seeds]
+    t0 = time.perf_counter()
+    for i, (run, seed) in enumerate(todo, 1):
+        print(f"[ablate {i}/{len(todo)}] {run} seed {seed}", flush=True)
+        train_and_evaluate(grid, base, out, run, seed)
+    tables = write_tables(grid, out)
+    write_json(
+        out / "manifest.json",
+        {"grid": str(Path(grid_path).resolve()), "runs": len(todo), "seconds": time.perf_counter() - t0},
+    )
+    return tables
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", required=True, help="grid YAML (see configs/grids/)")
+    parser.add_argument("--out", required=True, help="output directory (rerun to resume)")
+    parser.add_argument("--only", nargs="*", help="run only these runs of the grid")
+
+
+def run(args: argparse.Namespace) -> int:
+    tables = ablate(args.grid, args.out, args.only)
+    print(tables.read_text())
+    print(f"wrote {tables}")
+    return 0

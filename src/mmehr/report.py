@@ -1,0 +1,296 @@
+"""`mmehr report DIR`: one markdown + HTML report of everything under an output directory.
+
+It gathers what the stages left there: the synthetic cohort's manifest (planted signals), training runs
+(`metrics.jsonl`: loss curves and gate values), evaluations (`<task>/metrics.json`, predictions), and
+ablation tables (`tables.md`). Several evaluations of the same tasks are compared side by side, with the
+paired subject-bootstrap AUROC difference against the EHR-only run when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mmehr.evaluate.metrics import paired_auroc_difference, plot_task_curves
+from mmehr.io import atomic_path, is_complete
+
+COLUMNS = ("auroc", "auprc", "f1_macro", "f1_pos", "brier")
+HEADERS = ("AUROC", "AUPRC", "F1 (macro)", "F1 (positive)", "Brier")
+
+
+def _fmt(m: dict | None) -> str:
+    if not m or m.get("value") is None or not np.isfinite(m["value"]):
+        return "n/a"
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _label(path: Path, root: Path) -> str:
+    """A short run name from a directory path: runs/multimodal/seed0/eval -> multimodal/seed0."""
+    parts = [p for p in path.relative_to(root).parts if p not in ("runs", "eval", "train", "experiments")]
+    return "/".join(parts) or path.name
+
+
+def find_evaluations(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("thresholds.json") if is_complete(p.parent))
+
+
+def find_training_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.jsonl"))
+
+
+def training_plot(run_dir: Path, out_png: Path) -> Path | None:
+    """Training / validation loss and every cross-attention gate over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    if not records:
+        return None
+    steps = [r["step"] for r in records if "loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].plot(steps, [r["loss"] for r in records if "loss" in r], label="train")
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if val:
+        axes[0].plot(*zip(*val), marker="o", label="validation (tuning split)")
+    axes[0].set(xlabel="step", ylabel="next-token loss", title="loss")
+    axes[0].legend()
+    gates = {}
+    for r in records:
+        for k, v in (r.get("gates") or {}).items():
+            gates.setdefault(k, []).append((r["step"], v))
+    for k, pts in gates.items():
+        axes[1].plot(*zip(*pts), label=k)
+    axes[1].set(xlabel="step", ylabel="gate value", title="cross-attention gates")
+    if gates:
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].text(0.5, 0.5, "EHR only: no gates", ha="center", va="center", transform=axes[1].transAxes)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def _training_summary(run_dir: Path) -> str:
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        return "unfinished"
+    m = json.loads(manifest.read_text())
+    bits = []
+    for key in ("steps", "final_loss", "val_loss", "tokens_per_s", "seconds", "mfu"):
+        if m.get(key) is not None:
+            v = m[key]
+            bits.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
+    return ", ".join(bits) or "finished"
+
+
+def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
+    path = eval_dir / task / "predictions.parquet"
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
+    """Per task: one row per evaluation, the paired AUROC difference to EHR-only, one joint figure."""
+    lines: list[str] = []
+    tasks = sorted({p.parent.name for d in evals.values() for p in d.glob("*/metrics.json")})
+    baseline = next((name for name in evals if "ehr_only" in name), None)
+    for task in tasks:
+        lines += [f"### {task}", ""]
+        header = "| run | n | positive | " + " | ".join(HEADERS) + " |"
+        if baseline:
+            header += f" AUROC - {baseline} |"
+        lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + (1 if baseline else 0))]
+        curves = []
+        base_pred = _predictions(evals[baseline], task) if baseline else None
+        for name, d in evals.items():
+            path = d / task / "metrics.json"
+            if not path.is_file():
+                continue
+            r = json.loads(path.read_text())
+            cells = " | ".join(_fmt(r["metrics"].get(c)) for c in COLUMNS)
+            row = f"| {name} | {r['n_samples']} | {r['n_positive']} | {cells} |"
+            pred = _predictions(d, task)
+            if baseline:
+                diff = "—"
+                if name != baseline and pred is not None and base_pred is not None:
+                    keys = ["subject_id", "prediction_time"]
+                    j = pred.join(base_pred, on=keys, suffix="_base")
+                    if j.height:
+                        dd = paired_auroc_difference(
+                            j["boolean_value"].to_numpy(),
+                            j["predicted_boolean_probability"].to_numpy(),
+                            j["predicted_boolean_probability_base"].to_numpy(),
+                            groups=j["subject_id"].to_numpy(),
+                        )
+                        diff = _fmt(dd)
+                row += f" {diff} |"
+            lines.append(row)
+            if pred is not None and pred.height:
+                curves.append(
+                    (name, pred["boolean_value"].to_numpy(), pred["predicted_boolean_probability"].to_numpy())
+                )
+        if curves:
+            png = plot_task_curves(curves, task, plots / f"compare_{task}.png")
+            lines += ["", f"![{task}]({png.relative_to(root).as_posix()})"]
+        lines.append("")
+    return lines
+
+
+def build_report(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory")
+    plots = root / "report_plots"
+    lines = [f"# mmehr report: {root.resolve().name}", ""]
+
+    demo = root / "demo.json"
+    if demo.is_file():
+        info = json.loads(demo.read_text())
+        lines += ["## What ran", ""]
+        lines += [f"- {k}: {v}" for k, v in info.items() if not isinstance(v, dict)]
+        for k, v in info.items():
+            if isinstance(v, dict):
+                lines.append(
+                    f"- {k}: "
+                    + ", ".join(
+                        f"{a} {b:.1f} s" if isinstance(b, float) else f"{a} {b}" for a, b in v.items()
+                    )
+                )
+        lines.append("")
+    synth = root / "synth" / "manifest.json"
+    if synth.is_file():
+        m = json.loads(synth.read_text())
+        cfg = m.get("config", {})
+        lines += ["## Data: synthetic cohort with planted signal", ""]
+        keep = {k: v for k, v in cfg.items() if not isinstance(v, dict | list)}
+        lines += [f"- {k}: {v}" for k, v in keep.items()]
+        lines += ["", "See `mmehr.data.synthetic` for the generative model.", ""]
+
+    evals = {_label(d, root): d for d in find_evaluations(root)}
+    if evals:
+        lines += ["## Zero-shot evaluation", ""]
+        lines += [
+            "Values are point estimates with 95% bootstrap CIs over subjects; F1 uses the threshold chosen on "
+            "the tuning split. 'AUROC - baseline' is the paired difference on the same samples.",
+            "",
+        ]
+        lines += comparison(evals, root, plots)
+        for name, d in evals.items():
+            summary = d / "summary.md"
+            if summary.is_file():
+                body = summary.read_text().split("\n", 1)[1]
+                body = re.sub(r"^## ", "#### ", body, flags=re.M)
+                lines += [
+                    f"<details><summary>evaluation details: {name}</summary>",
+                    "",
+                    body,
+                    "</details>",
+                    "",
+                ]
+
+    tables = sorted(root.rglob("tables.md"))
+    for t in tables:
+        lines += [f"## Ablation tables ({_label(t.parent, root) or '.'})", ""]
+        text = t.read_text()
+        rel = t.parent.relative_to(root).as_posix()
+        if rel != ".":
+            text = text.replace("](plots/", f"]({rel}/plots/")
+        lines += [text, ""]
+
+    runs = find_training_runs(root)
+    if runs:
+        lines += ["## Training", ""]
+        for run in runs:
+            name = _label(run, root)
+            png = training_plot(run, plots / f"train_{name.replace('/', '_')}.png")
+            lines += [f"### {name}", "", _training_summary(run), ""]
+            if png is not None:
+                lines += [f"![training {name}]({png.relative_to(root).as_posix()})", ""]
+
+    if len(lines) <= 2:
+        raise FileNotFoundError(f"{root}: no evaluations, training runs or tables found to report on")
+    md = "\n".join(lines) + "\n"
+    with atomic_path(root / "report.md") as tmp:
+        tmp.write_text(md)
+    with atomic_path(root / "report.html") as tmp:
+        tmp.write_text(markdown_to_html(md, title=f"mmehr report: {root.resolve().name}"))
+    return root / "report.md"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', text)
+    text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_to_html(md: str, title: str = "mmehr report") -> str:
+    """Enough markdown for the report: headings, tables, lists, images, code, details blocks."""
+    out, i, lines = [], 0, md.splitlines()
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            out.append("<table>")
+            for k, row in enumerate(r for r in rows if not all(set(c) <= set("-: ") for c in r)):
+                tag = "th" if k == 0 else "td"
+                out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in row) + "</tr>")
+            out.append("</table>")
+            continue
+        if line.startswith("```"):
+            block = []
+            i += 1
+            while i < len(lines) and not lines[i].startswith("```"):
+                block.append(html.escape(lines[i]))
+                i += 1
+            out.append("<pre>" + "\n".join(block) + "</pre>")
+        elif m := re.match(r"^(#{1,6}) (.*)", line):
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.startswith(("<details", "</details")):
+            out.append(line)
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "th{background:#f0f3f7}img{max-width:100%}code,pre{background:#f6f6f6}summary{cursor:pointer}"
+    )
+    body = "\n".join(out)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n{body}\n</body></html>\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="an output directory of mmehr demo / ablate / evaluate / train")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_report(args.dir)
+    print(f"wrote {path.resolve()} and {path.with_suffix('.html').resolve()}")
+    return 0

@@ -1,0 +1,82 @@
+"""End to end: `mmehr demo --fast` runs every stage on real files, writes a report, and resumes."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from mmehr.demo import TASKS
+
+
+def _demo(out: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmehr.cli",
+        "demo",
+        "--fast",
+        "--out",
+        str(out),
+        "--subjects",
+        "120",
+        "--steps",
+        "12",
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = _demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_demo_writes_a_report_comparing_both_models_on_four_tasks(demo_out):
+    report = (demo_out / "report.md").read_text()
+    for task in TASKS:
+        assert f"### {task}" in report
+    assert "| ehr_only/seed0 |" in report and "| multimodal/seed0 |" in report
+    assert "AUROC - ehr_only/seed0" in report  # the paired difference column
+    html = (demo_out / "report.html").read_text()
+    assert "<table>" in html and "<img" in html
+    for png in (demo_out / "report_plots").glob("*.png"):
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert len(list((demo_out / "report_plots").glob("compare_*.png"))) == len(TASKS)
+
+
+def test_demo_predictions_follow_the_meds_prediction_schema(demo_out):
+    for run in ("ehr_only", "multimodal"):
+        for task in TASKS:
+            pred = pl.read_parquet(
+                demo_out / "experiments" / "runs" / run / "seed0" / "eval" / task / "predictions.parquet"
+            )
+            assert {"subject_id", "prediction_time", "boolean_value", "predicted_boolean_value"} <= set(
+                pred.columns
+            )
+            p = pred["predicted_boolean_probability"].to_numpy()
+            assert ((p >= 0) & (p <= 1)).all()
+            # Probabilities are fractions of the 4 rollouts of --fast.
+            assert set((p * 4).round(6)) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+
+
+def test_multimodal_run_trains_gates_and_ehr_only_has_none(demo_out):
+    runs = demo_out / "experiments" / "runs"
+    mm = [json.loads(x) for x in (runs / "multimodal/seed0/train/metrics.jsonl").read_text().splitlines()]
+    ehr = [json.loads(x) for x in (runs / "ehr_only/seed0/train/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("gates") for r in mm)
+    assert not any(r.get("gates") for r in ehr)
+
+
+def test_demo_rerun_skips_completed_stages(demo_out):
+    t0 = time.perf_counter()
+    result = _demo(demo_out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("already complete") == 8  # synth, tokenize, 3 x index, 3 x encode
+    assert "$ mmehr train" not in result.stdout and "$ mmehr evaluate" not in result.stdout
+    assert time.perf_counter() - t0 < 60

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from mmehr.experiments import Grid, TableSpec, load_grid, tables_markdown
+from mmehr.report import markdown_to_html
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _results(rows):
+    schema = ["run", "seed", "variant", "task", "metric", "value", "lo", "hi"]
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def test_shipped_grids_load_and_name_only_defined_runs():
+    for path in (CONFIGS / "grids").glob("*.yaml"):
+        grid, base = load_grid(path)
+        assert base.is_file()
+        assert grid.tables, path
+        for t in grid.tables:
+            assert set(t.runs) <= set(grid.runs)
+
+
+def test_mimic_grid_has_the_papers_table_rows():
+    grid, _ = load_grid(CONFIGS / "grids" / "mimic-iv.yaml")
+    compression, modalities = grid.tables
+    assert len(compression.runs) == 8  # none, mean, k in {8, 16} x l in {1, 2, 4}
+    assert modalities.runs[0] == "ehr_only" and modalities.runs[-1] == "all_three"
+
+
+def test_grid_errors_name_the_problem(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {}\n")
+    bad = tmp_path / "g.yaml"
+    bad.write_text("base: base.yaml\nruns: {a: []}\ntables: [{title: T, runs: [a, b]}]\n")
+    with pytest.raises(ValueError, match=r"runs \['b'\]"):
+        load_grid(bad)
+    bad.write_text("base: nowhere.yaml\nruns: {a: []}\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.yaml"):
+        load_grid(bad)
+
+
+def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
+    grid = Grid(base="x", runs={"ehr": [], "mm": []}, tasks=["icu_mortality"], seeds=[0, 1])
+    grid.tables = [TableSpec(title="Table 2", runs=["ehr", "mm"], task="icu_mortality")]
+    rows = []
+    for run, vals in (("ehr", (0.70, 0.72)), ("mm", (0.80, 0.84))):
+        for seed, v in enumerate(vals):
+            for metric in ("auroc", "auprc", "f1_macro", "f1_pos"):
+                rows.append((run, seed, "full", "icu_mortality", metric, v, v - 0.05, v + 0.05))
+    rows.append(("mm", 0, "without_note", "icu_mortality", "auroc", 0.71, 0.66, 0.76))
+    md, records = tables_markdown(grid, _results(rows))
+    assert "| mm | 0.820 ± 0.028 |" in md
+    assert "| ehr | 0.710 ± 0.014 |" in md
+    assert "Modality knock-out" in md and "without_note" in md
+    rec = next(r for r in records if r["run"] == "mm" and r["metric"] == "auroc")
+    assert rec["mean"] == pytest.approx(0.82) and rec["values"] == [0.80, 0.84]
+
+    grid.seeds = [0]
+    one = _results([r for r in rows if r[1] == 0])
+    md, _ = tables_markdown(grid, one)
+    assert "| mm | 0.800 [0.750, 0.850] |" in md
+
+
+def test_markdown_to_html_renders_tables_images_and_lists():
+    html = markdown_to_html("# T\n\n- a `b`\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n![p](plots/p.png)\n")
+    assert "<h1>T</h1>" in html
+    assert "<li>a <code>b</code></li>" in html
+    assert "<th>x</th>" in html and "<td>2</td>" in html
+    assert '<img alt="p" src="plots/p.png">' in html
