@@ -215,15 +215,40 @@ def test_notes_round_trip_text_times_and_types(synth, tmp_path):
     assert events.height == source.height and set(events["note_type"]) == {"DS", "RR"}
     joined = events.join(source.rename({"text": "src_text"}), left_on="payload", right_on="note_id")
     assert (joined["text"] == joined["src_text"]).all()
-    assert (
-        joined.select(pl.col("charttime").map_elements(_us, return_dtype=pl.Int64) == pl.col("time"))
-        .to_series()
-        .all()
-    )
+    chart = joined["charttime"].map_elements(_us, return_dtype=pl.Int64)
+    store = joined["storetime"].map_elements(_us, return_dtype=pl.Int64)
+    radiology = (joined["note_type"] == "RR").to_numpy()
+    # Radiology notes at their charttime; discharge summaries never before they were stored.
+    assert (joined["time"].to_numpy()[radiology] == chart.to_numpy()[radiology]).all()
+    expected_ds = np.maximum(chart.to_numpy(), store.to_numpy())[~radiology]
+    assert (joined["time"].to_numpy()[~radiology] == expected_ds).all()
     assert events["hadm_id"].null_count() == 0
     row = events.filter(pl.col("note_type") == "DS").row(0, named=True)
     assert load_payload(out, row) == row["text"]
     assert load_payload(out, {"modality": "note", "payload": row["payload"]}) == row["text"]  # by reference
+
+
+def test_discharge_summary_with_a_date_only_charttime_is_not_placed_before_the_discharge(tmp_path):
+    # MIMIC-IV-Note discharge summaries carry midnight of the discharge day as charttime.
+    root = tmp_path / "note"
+    root.mkdir()
+    pl.DataFrame(
+        {
+            "note_id": ["1-DS-1", "1-DS-2", "1-DS-3"],
+            "subject_id": ["1", "1", "1"],
+            "hadm_id": ["5", "6", "7"],
+            "note_type": ["DS"] * 3,
+            "note_seq": ["1", "2", "3"],
+            "charttime": ["2180-01-03 00:00:00", "2180-02-03 00:00:00", "2180-03-03 14:30:00"],
+            "storetime": ["2180-01-03 16:12:00", "", ""],
+            "text": ["a", "b", "c"],
+        }
+    ).write_csv(root / "discharge.csv")
+    events = _events(build_index("note", root, tmp_path / "idx"))
+    times = dict(zip(events["payload"], events["time"]))
+    assert times["1-DS-1"] == _us("2180-01-03 16:12:00")  # its storetime
+    assert times["1-DS-2"] == _us("2180-02-04 00:00:00") - 1  # the end of its day
+    assert times["1-DS-3"] == _us("2180-03-03 14:30:00")  # a real time is kept
 
 
 def test_empty_notes_are_skipped_and_note_text_is_never_printed(tmp_path, capsys):

@@ -93,6 +93,26 @@ def _datetime_us(col: pl.Expr) -> pl.Expr:
     return parsed.cast(pl.Int64)
 
 
+DAY_US = 86_400_000_000
+
+
+def _note_time(df: pl.DataFrame, discharge: bool) -> pl.Expr:
+    """A note's acquisition time (µs): its charttime, except that a discharge summary is never placed
+    before it was written. MIMIC-IV-Note gives discharge summaries a date-only charttime (midnight of
+    the discharge day), which would precede the discharge and leak the stay's outcome into predictions
+    made earlier that day; so a discharge summary's time is max(charttime, storetime), or the end of
+    its charttime's day when storetime is missing and charttime is a bare date."""
+    chart = _datetime_us(pl.col("charttime"))
+    if not discharge:
+        return chart
+    midnight = (chart % DAY_US) == 0
+    end_of_day = pl.when(midnight).then(chart + DAY_US - 1).otherwise(chart)
+    if "storetime" not in df.columns:
+        return end_of_day
+    store = _datetime_us(pl.col("storetime"))
+    return pl.when(store.is_not_null()).then(pl.max_horizontal(chart, store)).otherwise(end_of_day)
+
+
 def study_time_us(study_date: str, study_time: str) -> int | None:
     """MIMIC-CXR StudyDate (YYYYMMDD) + StudyTime (HHMMSS with optional fraction; leading zeros may be
     missing, e.g. '81413.5' is 08:14:13.5) -> µs since the epoch, or None if malformed."""
@@ -335,7 +355,7 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         df = read_csv_checked(path, ["note_id", "subject_id", "hadm_id", "note_type", "charttime", "text"])
         df = df.select(
             pl.col("subject_id").str.strip_chars().cast(pl.Int64, strict=False),
-            _datetime_us(pl.col("charttime")).alias("time"),
+            _note_time(df, discharge=path.name.startswith("discharge")).alias("time"),
             pl.col("note_id"),
             pl.col("note_type"),
             pl.col("hadm_id").str.strip_chars().cast(pl.Float64, strict=False).cast(pl.Int64),
