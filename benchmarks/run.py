@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--only", nargs="*", help="benchmark names (file bench_NAME.py)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the runner works")
+    parser.add_argument("--collect", action="store_true", help="rebuild results.md/json from DIR/*.json only")
     args = parser.parse_args(argv)
 
     found = discover()
-    names = args.only or list(found)
+    names = [] if args.collect else args.only or list(found)
     unknown = [n for n in names if n not in found]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; have {list(found)}")
