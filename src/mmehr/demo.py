@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from mmehr.experiments import _mmehr
+from mmehr.experiments import run_stage
 from mmehr.io import is_complete, write_json
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -73,7 +73,7 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
             return
         print(f"[demo] {name}", flush=True)
         t0 = time.perf_counter()
-        _mmehr(*args)
+        run_stage(*args)
         seconds[name] = time.perf_counter() - t0
 
     synth, timelines = out / "synth", out / "timelines"
@@ -134,7 +134,7 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
     grid_path.write_text(yaml.safe_dump(grid, sort_keys=False))
     experiments = out / "experiments"
     t0 = time.perf_counter()
-    _mmehr("ablate", "--grid", str(grid_path), "--out", str(experiments))
+    run_stage("ablate", "--grid", str(grid_path), "--out", str(experiments))
     seconds["train + evaluate"] = time.perf_counter() - t0
     write_json(
         out / "demo.json",
@@ -148,7 +148,7 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
             "stage seconds (this invocation)": seconds,
         },
     )
-    _mmehr("report", str(out))
+    run_stage("report", str(out))
     report = out / "report.md"
     print(f"[demo] report: {report} (and {report.with_suffix('.html')})", flush=True)
     return report

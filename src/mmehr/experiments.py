@@ -79,7 +79,7 @@ def load_grid(path: str | Path) -> tuple[Grid, Path]:
     return grid, base
 
 
-def _mmehr(*args: str, log: Path | None = None) -> None:
+def run_stage(*args: str, log: Path | None = None) -> None:
     """Run one `mmehr` stage in a child process (its progress bars go to the terminal)."""
     cmd = [sys.executable, "-m", "mmehr.cli", *args]
     print("$ mmehr " + " ".join(args), flush=True)
@@ -98,7 +98,7 @@ def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -
     train_dir, eval_dir = d / "train", d / "eval"
     if not is_complete(train_dir):
         overrides = [*grid.set, *grid.runs[run], f"run.seed={seed}"]
-        _mmehr(
+        run_stage(
             "train",
             "--config",
             str(base),
@@ -120,7 +120,7 @@ def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -
             args += ["--max-samples", str(grid.max_samples)]
         if run in grid.knockout:
             args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
-        _mmehr(*args, *grid.evaluate_args, "--out", str(eval_dir))
+        run_stage(*args, *grid.evaluate_args, "--out", str(eval_dir))
     return d
 
 
