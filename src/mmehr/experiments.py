@@ -79,7 +79,7 @@ def load_grid(path: str | Path) -> tuple[Grid, Path]:
     return grid, base
 
 
-def run_stage(*args: str, log: Path | None = None) -> None:
+def run_stage(*args: str) -> None:
     """Run one `mmehr` stage in a child process (its progress bars go to the terminal)."""
     cmd = [sys.executable, "-m", "mmehr.cli", *args]
     print("$ mmehr " + " ".join(args), flush=True)
