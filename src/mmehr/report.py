@@ -103,6 +103,22 @@ def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.is_file() else None
 
 
+def _verdict(name: str, baseline: str, d: dict) -> str:
+    """One honest sentence on a paired AUROC difference and its 95% CI."""
+    if d["value"] is None or not np.isfinite(d["value"]) or not np.isfinite(d.get("lo", np.nan)):
+        return f"- {name} vs {baseline}: no AUROC difference can be computed (a single class in the samples)."
+    if d["lo"] > 0:
+        word = "better than"
+    elif d["hi"] < 0:
+        word = "worse than"
+    else:
+        word = "not distinguishable from"
+    return (
+        f"- **{name}** is {word} {baseline} here: AUROC difference {d['value']:+.3f} "
+        f"(95% CI {d['lo']:+.3f} to {d['hi']:+.3f})."
+    )
+
+
 def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
     """Per task: one row per evaluation, the paired AUROC difference to EHR-only, one joint figure."""
     lines: list[str] = []
@@ -114,7 +130,7 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
         if baseline:
             header += f" AUROC - {baseline} |"
         lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + (1 if baseline else 0))]
-        curves = []
+        curves, verdicts = [], []
         base_pred = _predictions(evals[baseline], task) if baseline else None
         for name, d in evals.items():
             path = d / task / "metrics.json"
@@ -137,12 +153,15 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
                             groups=j["subject_id"].to_numpy(),
                         )
                         diff = _fmt(dd)
+                        verdicts.append(_verdict(name, baseline, dd))
                 row += f" {diff} |"
             lines.append(row)
             if pred is not None and pred.height:
                 curves.append(
                     (name, pred["boolean_value"].to_numpy(), pred["predicted_boolean_probability"].to_numpy())
                 )
+        if verdicts:
+            lines += ["", *verdicts]
         if curves:
             png = plot_task_curves(curves, task, plots / f"compare_{task}.png")
             lines += ["", f"![{task}]({png.relative_to(root).as_posix()})"]
