@@ -44,13 +44,7 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    subjects=2000,
-    max_steps=1500,
-    warmup_steps=100,
-    eval_every=250,
-    rollouts=20,
-    max_samples=200,
-    max_new_tokens=256,
+    subjects=1000, max_steps=2000, warmup_steps=100, eval_every=500, rollouts=10, max_samples=100, max_new_tokens=256
 )
 FAST = DemoSize(
     subjects=160, max_steps=30, warmup_steps=5, eval_every=15, rollouts=4, max_samples=12, max_new_tokens=64
@@ -159,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="tiny sizes: every stage in a few minutes, no result"
     )
-    parser.add_argument("--subjects", type=int, help="cohort size (default: 2000, --fast: 240)")
+    parser.add_argument("--subjects", type=int, help="cohort size (default: 1000, --fast: 160)")
     parser.add_argument("--steps", type=int, help="training steps per model")
 
 
