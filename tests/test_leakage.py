@@ -30,8 +30,6 @@ from mmehr.evaluate.tasks import load_task
 from mmehr.modalities.store import EmbeddingStore
 from mmehr.train import Trainer, resolve_config
 
-pytestmark = pytest.mark.slow
-
 
 class LeakyWindows(TrainWindows):
     """Training windows that carry each subject's latest notes, future ones included (test only)."""

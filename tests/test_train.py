@@ -319,9 +319,6 @@ def test_shipped_configs_resolve(name, demo_timelines, note_store):
         m, o = config.model, config.optim
         assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (6, 12, 768, 2048, 0.3)
         assert (o.lr, o.min_lr) == (6e-4, 6e-5) and config.run.dtype == "bf16"
-    else:
-        assert (
-            config.model.n_layer == 4
-            and 128 <= config.model.n_embd <= 256
-            and 256 <= config.model.block_size <= 512
-        )
+    else:  # small enough to train in minutes on 2 CPU cores (README: the demo)
+        assert (config.model.n_layer, config.model.n_embd, config.model.block_size) == (2, 128, 256)
+        assert config.model.gate_init == 0.0 and config.optim.max_steps == 2000
