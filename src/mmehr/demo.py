@@ -44,7 +44,13 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    subjects=1000, max_steps=2000, warmup_steps=100, eval_every=500, rollouts=10, max_samples=100, max_new_tokens=256
+    subjects=1000,
+    max_steps=2000,
+    warmup_steps=100,
+    eval_every=500,
+    rollouts=10,
+    max_samples=100,
+    max_new_tokens=256,
 )
 FAST = DemoSize(
     subjects=160, max_steps=30, warmup_steps=5, eval_every=15, rollouts=4, max_samples=12, max_new_tokens=64
