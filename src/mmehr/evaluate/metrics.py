@@ -31,18 +31,23 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _counts_at_thresholds(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) predicted positive at each distinct score, highest first."""
+    order = np.argsort(-np.asarray(p, dtype=float), kind="mergesort")
+    p_sorted, y_sorted = np.asarray(p)[order], np.asarray(y, dtype=bool)[order]
+    # Count only at the last index of each run of tied scores.
+    last = np.r_[np.flatnonzero(np.diff(p_sorted)), y_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[last]
+    return tps, (last + 1) - tps
+
+
 def auprc(y: np.ndarray, p: np.ndarray) -> float:
     """Average precision (step-wise area under precision-recall, as scikit-learn); NaN if no positive."""
     y = np.asarray(y, dtype=bool)
     n_pos = int(y.sum())
     if n_pos == 0:
         return float("nan")
-    order = np.argsort(-np.asarray(p, dtype=float), kind="mergesort")
-    p_sorted, y_sorted = np.asarray(p)[order], y[order]
-    tps = np.cumsum(y_sorted)
-    # Evaluate only at the last index of each run of tied scores.
-    last = np.r_[np.flatnonzero(np.diff(p_sorted)), y.size - 1]
-    tp, fp = tps[last], (last + 1) - tps[last]
+    tp, fp = _counts_at_thresholds(y, p)
     precision = tp / (tp + fp)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -187,23 +192,14 @@ def paired_auroc_difference(
 
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at each distinct threshold, from (0,0) to (1,1)."""
-    y = np.asarray(y, dtype=bool)
-    order = np.argsort(-np.asarray(p, dtype=float), kind="mergesort")
-    ps, ys = np.asarray(p)[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(ps)), y.size - 1]
-    tps = np.cumsum(ys)[last]
-    fps = (last + 1) - tps
+    tps, fps = _counts_at_thresholds(y, p)
     return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
 
 
 def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) at each distinct threshold."""
-    y = np.asarray(y, dtype=bool)
-    order = np.argsort(-np.asarray(p, dtype=float), kind="mergesort")
-    ps, ys = np.asarray(p)[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(ps)), y.size - 1]
-    tps = np.cumsum(ys)[last]
-    return np.r_[0.0, tps / max(y.sum(), 1)], np.r_[1.0, tps / (last + 1)]
+    tps, fps = _counts_at_thresholds(y, p)
+    return np.r_[0.0, tps / max(tps[-1], 1)], np.r_[1.0, tps / (tps + fps)]
 
 
 def plot_task_curves(
