@@ -393,7 +393,7 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_chunks(check
     assert proc.returncode == 130, err
     assert "rerun to resume" in err
     done = {p.name: p.read_bytes() for p in chunks.glob("chunk-*.parquet")}
-    assert 1 <= len(done) < 8
+    assert 0 < len(done) < 8  # some chunks finished, not all
     assert (
         not (out / "manifest.json").exists()
         and not (out / "hospital_mortality" / "predictions.parquet").exists()
