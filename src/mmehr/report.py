@@ -91,7 +91,7 @@ def _training_summary(run_dir: Path) -> str:
         return "unfinished"
     m = json.loads(manifest.read_text())
     bits = []
-    for key in ("steps", "final_loss", "val_loss", "tokens_per_s", "seconds", "mfu"):
+    for key in ("steps", "best_val_loss", "best_step", "tokens_per_s", "train_seconds", "mfu"):
         if m.get(key) is not None:
             v = m[key]
             bits.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}")
