@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common import matmul_flops
+
 THREADS = 1  # more threads than free cores stall on OpenMP barriers on a shared machine
 MODEL = dict(n_layer=4, n_head=4, n_embd=256, vocab_size=4096, batch=2, K=4, d_enc=768, xattn_every=2)
 FULL = dict(MODEL, Ns=(128, 512, 2048), Ts=(512, 2048), rounds=4)
@@ -77,17 +79,6 @@ def _build(case: dict):
     return step, model.estimate_flops_per_token(T, events=events) * B * T
 
 
-def _matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.process_time()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.process_time() - t0)
-
-
 def time_cases(cases: list[dict], rounds: int) -> list[dict]:
     """Step every case round-robin in this process; each case's fastest step and the best matmul rate."""
     import torch
@@ -97,14 +88,14 @@ def time_cases(cases: list[dict], rounds: int) -> list[dict]:
     for step, _ in built:
         step()  # warm-up: allocations, kernel selection
     cpu, wall = [float("inf")] * len(cases), [float("inf")] * len(cases)
-    matmul = _matmul_flops()
+    matmul = matmul_flops(clock=time.process_time)
     for _ in range(rounds):
         for i, (step, _) in enumerate(built):
             c0, w0 = time.process_time(), time.perf_counter()
             step()
             cpu[i] = min(cpu[i], time.process_time() - c0)
             wall[i] = min(wall[i], time.perf_counter() - w0)
-        matmul = max(matmul, _matmul_flops())
+        matmul = max(matmul, matmul_flops(clock=time.process_time))
     return [
         {"step_s": s, "wall_step_s": w, "model_gflop_per_step": f / 1e9, "achieved_gflop_per_s": f / s / 1e9,
          "matmul_gflop_per_s": matmul / 1e9, "fraction_of_matmul": f / s / matmul}

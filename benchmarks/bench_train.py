@@ -31,22 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import matmul_flops
+
 THREADS = 1
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"ecg": 312, "cxr": 197, "note": 512}  # encoder tokens per event; d_enc 768 for all three
 D_ENC, EVENTS = 768, 12
 CASES = ["ehr_only", "ecg", "cxr", "note", "all_three"]
-
-
-def _matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def prepare(work: Path, quick: bool) -> dict[str, str]:
@@ -135,11 +126,11 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         seconds, ratios, matmuls = [], [], []
         for _ in range(2 if quick else 5):
-            before = _matmul_flops()
+            before = matmul_flops()
             t0 = time.perf_counter()
             trainer.train_step(iter([batch]))
             seconds.append(time.perf_counter() - t0)
-            matmuls.append((before + _matmul_flops()) / 2)
+            matmuls.append((before + matmul_flops()) / 2)
             ratios.append(counted / seconds[-1] / matmuls[-1])
         step_s = min(seconds)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -48,3 +48,18 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def matmul_flops(n: int = 1024, reps: int = 5, clock=time.perf_counter) -> float:
+    """FLOP/s of an n x n fp32 matmul on this machine now: the practical limit a model is compared to.
+
+    `clock=time.process_time` measures CPU time, which a busy shared machine disturbs less.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = clock()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (clock() - t0)

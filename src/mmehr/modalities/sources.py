@@ -57,6 +57,14 @@ NOTE_FILES = ("discharge", "radiology")
 
 EPOCH = datetime(1970, 1, 1)
 SKIPPED_SCHEMA = {"subject_id": pl.Int64, "record": pl.String, "reason": pl.String}
+# The columns every events.parquet starts with (docs/interfaces.md); each source adds its metadata.
+EVENT_SCHEMA = {
+    "subject_id": pl.Int64,
+    "time": pl.Int64,
+    "modality": pl.String,
+    "event_id": pl.String,
+    "payload": pl.String,
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,11 +185,7 @@ def index_ecg(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
             }
         )
     schema = {
-        "subject_id": pl.Int64,
-        "time": pl.Int64,
-        "modality": pl.String,
-        "event_id": pl.String,
-        "payload": pl.String,
+        **EVENT_SCHEMA,
         "fs": pl.Float64,
         "n_samples": pl.Int64,
         "sig_names": pl.String,
@@ -306,11 +310,7 @@ def index_cxr(root: Path, views: list[str] | None = None) -> tuple[pl.DataFrame,
             }
         )
     schema = {
-        "subject_id": pl.Int64,
-        "time": pl.Int64,
-        "modality": pl.String,
-        "event_id": pl.String,
-        "payload": pl.String,
+        **EVENT_SCHEMA,
         "view_position": pl.String,
         "study_id": pl.Int64,
         "rows": pl.Int64,
