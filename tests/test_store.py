@@ -111,6 +111,28 @@ def test_store_round_trips_each_event_once_as_fp16(events, enc, tmp_path):
     )
 
 
+def test_notes_are_batched_in_length_order_with_the_same_embeddings(events, tmp_path):
+    """Texts of a shard are encoded shortest first (less padding); a padding-sensitive real architecture
+    (MiniLM's, tiny and random) must store what it gives each note encoded alone."""
+    enc = get_encoder("minilm", random_init=True, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64)  # fmt: skip
+    lengths: list[list[int]] = []
+    encode = enc.encode
+    enc.encode = lambda texts: (lengths.append([len(t) for t in texts]), encode(texts))[1]
+    encode_events(events, enc, tmp_path / "store", batch_size=5, shard_events=12, progress=False)
+    enc.encode = encode
+    flat = [n for batch in lengths for n in batch]
+    assert flat[:12] == sorted(flat[:12]) and flat[12:] == sorted(flat[12:]) and flat != sorted(flat)
+    stored = read_all(EmbeddingStore(tmp_path / "store"))
+    for s in range(4):
+        for j in range(6):
+            emb, mask = enc.encode([note_text(s, j)])
+            expected = emb[0, : int(mask[0].sum())].numpy()
+            np.testing.assert_allclose(
+                stored[f"note-{s}-{j}"].astype(np.float32), expected, atol=2e-3, rtol=2e-3
+            )
+
+
 def test_events_before_is_strict_and_most_recent_first(events, enc, tmp_path):
     encode_events(events, enc, tmp_path / "store", progress=False)
     store = EmbeddingStore(tmp_path / "store")

@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 from mmehr.cli import main
 from mmehr.data.synthetic import (
     ECG_NATIVE_LEADS,
+    HOSP_LABS,
     SYMPTOM_PHRASES,
     MedsRows,
     SynthConfig,
@@ -192,6 +193,18 @@ def test_same_seed_same_data_and_modalities_do_not_change_the_ehr(tmp_path):
     b2 = generate(tmp_path / "b2", SynthConfig(subjects=25, seed=5))
     first = pl.read_csv(b / "ecg" / "record_list.csv")["path"][0]
     assert (b / "ecg" / f"{first}.dat").read_bytes() == (b2 / "ecg" / f"{first}.dat").read_bytes()
+
+
+def test_a_compact_lab_panel_shortens_timelines_and_keeps_the_outcomes(tmp_path):
+    full = _meds(generate(tmp_path / "full", SynthConfig(subjects=30, seed=2, modalities=False)))
+    cfg = SynthConfig(subjects=30, seed=2, modalities=False, lab_panel=4, icu_vitals_hours=8.0)
+    compact = _meds(generate(tmp_path / "compact", cfg))
+    labs = compact.filter(pl.col("code").str.starts_with("LAB//5"))["code"].unique().sort().to_list()
+    assert labs == sorted(f"LAB//{i}//{u}" for i, u, *_ in HOSP_LABS[:4])
+    assert compact.height < 0.7 * full.height
+    outcome = pl.col("code").str.contains("^(ICU_ADMISSION|MEDS_DEATH|HOSPITAL_ADMISSION)")
+    assert compact.filter(outcome).height > 0 and _truth(tmp_path / "compact").height > 0
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--lab-panel", "0", "--no-modalities"]) == 1
 
 
 # ----------------------------------------------------------------------------------------------------

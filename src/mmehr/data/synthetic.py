@@ -123,6 +123,10 @@ class SynthConfig:
     cxr_strength: float = 2.0  # log-odds effect of a lung opacity (CXR only)
     note_strength: float = 2.0  # log-odds effect of sepsis-like symptoms (note text only)
     cxr_size: int = 256  # CXR JPEG width = height, pixels
+    lab_panel: int = (
+        10  # labs per draw (ED and each morning): the first N of HOSP_LABS, most acute-sensitive first
+    )
+    icu_vitals_hours: float = 4.0  # hours between ICU vital-sign rounds
     chunk_subjects: int = 2000  # subjects per MEDS shard / generation chunk (bounds memory)
 
 
@@ -487,10 +491,9 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
         tl = ed + _round(rng.uniform(30, 90) * MINUTE, MINUTE)
     else:
         tl = admit + _round(rng.uniform(30, 120) * MINUTE, MINUTE)
+    labs, lab_codes = HOSP_LABS[: cfg.lab_panel], HOSP_LAB_CODES[: cfg.lab_panel]
     sev = _severity(acute, tl, admit, death)
-    rows.add_many(
-        sid, [tl] * len(HOSP_LABS), HOSP_LAB_CODES, _measure(rng, HOSP_LABS, sev, frailty), hadm, None
-    )
+    rows.add_many(sid, [tl] * len(labs), lab_codes, _measure(rng, labs, sev, frailty), hadm, None)
     rows.add(sid, admit, f"HOSPITAL_ADMISSION//{adm_type}", hadm=hadm, admission=admission_info)
     if via_ed:
         rows.add(sid, ed_out, "ED_OUT")
@@ -503,15 +506,15 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
         tl = day + _round(rng.uniform(0, 90) * MINUTE, MINUTE)
         if tl < discharge:
             sev = _severity(acute, tl, admit, death)
-            vals = _measure(rng, HOSP_LABS, sev, frailty)
-            rows.add_many(sid, [tl] * len(HOSP_LABS), HOSP_LAB_CODES, vals, hadm, None)
+            vals = _measure(rng, labs, sev, frailty)
+            rows.add_many(sid, [tl] * len(labs), lab_codes, vals, hadm, None)
         for drug in drugs:
             tm = day + _round(rng.uniform(2, 14) * HOUR, MINUTE)
             if tm < discharge:
                 rows.add(sid, tm, f"MEDICATION//{drug}//Administered", hadm=hadm)
         day += DAY
 
-    # ICU stays: admission, 4-hourly vitals, discharge.
+    # ICU stays: admission, vitals every cfg.icu_vitals_hours, discharge.
     for s in icu:
         rows.add(sid, s.start, f"TRANSFER_TO//transfer//{s.unit}", hadm=hadm)
         rows.add(sid, s.start, f"ICU_ADMISSION//{s.unit}", hadm=hadm, icu=s.icustay_id)
@@ -520,7 +523,7 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
             sev = _severity(acute, tv, admit, death)
             vals = _measure(rng, VITALS, sev, frailty)
             rows.add_many(sid, [tv] * 4, VITAL_CODES, vals, hadm, s.icustay_id)
-            tv += 4 * HOUR
+            tv += round(cfg.icu_vitals_hours * HOUR)
         if s.end != death:
             rows.add(sid, s.end, f"ICU_DISCHARGE//{s.unit}", hadm=hadm, icu=s.icustay_id)
             rows.add(sid, s.end, f"TRANSFER_TO//transfer//{ward}", hadm=hadm)
@@ -1528,6 +1531,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cxr-size", type=int, default=d.cxr_size, help="CXR image side, pixels")
     parser.add_argument("--chunk-subjects", type=int, default=d.chunk_subjects, help="subjects per shard")
+    parser.add_argument(
+        "--lab-panel",
+        type=int,
+        default=d.lab_panel,
+        help=f"labs per draw, 1-{len(HOSP_LABS)} (fewer: shorter timelines)",
+    )
+    parser.add_argument(
+        "--icu-vitals-hours", type=float, default=d.icu_vitals_hours, help="hours between ICU vital rounds"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1542,9 +1554,13 @@ def run(args: argparse.Namespace) -> int:
         note_strength=args.note_strength,
         cxr_size=args.cxr_size,
         chunk_subjects=args.chunk_subjects,
+        lab_panel=args.lab_panel,
+        icu_vitals_hours=args.icu_vitals_hours,
     )
     if cfg.subjects < 1 or cfg.chunk_subjects < 1 or cfg.cxr_size < 32:
         raise ValueError("--subjects and --chunk-subjects must be >= 1 and --cxr-size >= 32")
+    if not 1 <= cfg.lab_panel <= len(HOSP_LABS) or cfg.icu_vitals_hours <= 0:
+        raise ValueError(f"--lab-panel must be in 1-{len(HOSP_LABS)} and --icu-vitals-hours > 0")
     if args.onto:
         if args.no_modalities:
             raise ValueError("--onto writes only modality files; it cannot be combined with --no-modalities")

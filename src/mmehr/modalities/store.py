@@ -52,7 +52,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -334,9 +334,8 @@ def encode_events(
             with ShardWriter(
                 root, k, encoder.d_enc, encoder=encoder.name, modality=encoder.modality
             ) as shard:
-                for batch in todo.slice(start, shard_events).iter_slices(batch_size):
-                    rows = batch.to_dicts()
-                    payloads = list(pool.map(load_one, rows)) if workers > 0 else [load_one(r) for r in rows]
+                for rows, payloads in _batches(todo.slice(start, shard_events), encoder, load_one, pool,
+                                               batch_size, workers):  # fmt: skip
                     _encode_batch(encoder, rows, payloads, shard, stride_pool, max_tokens)
                     n_new += len(rows)
                     bar.update(len(rows))
@@ -349,6 +348,37 @@ def encode_events(
     print(f"encoded {n_new} events at {rate:.1f} events/s; store: {c['events']} events, {c['skipped']} skipped, "
           f"{c['tokens']} tokens, {c['bytes'] / 1e6:.1f} MB -> {root}")  # fmt: skip
     return manifest
+
+
+def _batches(
+    chunk: pl.DataFrame,
+    encoder: FrozenEncoder,
+    load_one: Callable,
+    pool: ThreadPoolExecutor,
+    batch_size: int,
+    workers: int,
+) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
+    """(rows, payloads) batches of one shard's events. Texts are loaded for the whole shard and batched in
+    length order, so that a batch pads to similar lengths (MiniLM on the demo's notes: about 2x faster);
+    waveforms and images are loaded batch by batch (a shard of them would be hundreds of MB)."""
+    load = (
+        (lambda rows: list(pool.map(load_one, rows)))
+        if workers > 0
+        else (lambda rows: [load_one(r) for r in rows])
+    )
+    if encoder.modality != "note":
+        for batch in chunk.iter_slices(batch_size):
+            rows = batch.to_dicts()
+            yield rows, load(rows)
+        return
+    rows = chunk.to_dicts()
+    payloads = load(rows)
+    order = sorted(
+        range(len(rows)), key=lambda i: 0 if isinstance(payloads[i], Exception) else len(payloads[i])
+    )
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        yield [rows[i] for i in batch], [payloads[i] for i in batch]
 
 
 def _encode_batch(
