@@ -302,8 +302,9 @@ EVAL_ARGS = (
 def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoint, demo_timelines, tmp_path):
     out = tmp_path / "eval"
     proc = mmehr(
-        "evaluate", "--checkpoint", str(checkpoint), "--task", "icu_mortality", "--out", str(out), *EVAL_ARGS
-    )
+        "evaluate", "--checkpoint", str(checkpoint), "--task", "icu_mortality", "--out", str(out), *EVAL_ARGS,
+        "--tuning-samples", "4",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve()) in proc.stdout
     task = out / "icu_mortality"
@@ -331,7 +332,9 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     assert metrics["threshold"] == {"value": threshold, "source": "tuning"}
     assert (pred["predicted_boolean_value"].to_numpy() == (p >= threshold)).all()
     assert sum(metrics["stop_reasons"].values()) == pytest.approx(1.0)
-    assert metrics["tuning"]["n_samples"] > 0 and (task / "tuning" / "predictions.parquet").is_file()
+    assert (
+        metrics["tuning"]["n_samples"] == 4 and (task / "tuning" / "predictions.parquet").is_file()
+    )  # of 15
     assert set(metrics["cohorts"]) == {"cardiac", "pulmonary"}
     assert (task / "curves.png").stat().st_size > 10_000 and (out / "summary.md").is_file()
     assert json.loads((out / "manifest.json").read_text())["tasks"] == ["icu_mortality"]

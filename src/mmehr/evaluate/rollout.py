@@ -736,6 +736,7 @@ class EvalOptions:
     split: str = "held_out"
     max_samples: int | None = None
     threshold_from: str = "tuning"  # "tuning", "none" (0.5), or a JSON file {task: threshold}
+    tuning_samples: int | None = None  # cap on the tuning split's samples (default: max_samples)
     hidden: tuple[str, ...] = ()
     knockout: tuple[str, ...] = ()
     cohorts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COHORTS))
@@ -783,7 +784,9 @@ def evaluate_task(
             u,
             data,
             settings,
-            max_samples=options.max_samples,
+            max_samples=options.tuning_samples
+            if key[1] == "tuning" and options.split != "tuning" and options.tuning_samples
+            else options.max_samples,
             device=device,
             progress=progress,
             fingerprint_extra=fingerprint_extra,
@@ -1024,6 +1027,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollouts", type=int, default=20, help="futures sampled per sample (default 20)")
     parser.add_argument("--split", default="held_out", help="split to evaluate (default held_out)")
     parser.add_argument("--max-samples", type=int, default=None, help="at most N samples per task and split")
+    parser.add_argument(
+        "--tuning-samples",
+        type=int,
+        default=None,
+        help="at most N tuning-split samples for the threshold (default: --max-samples)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="cap of generated tokens per rollout")
     parser.add_argument(
@@ -1166,6 +1175,7 @@ def run(args: argparse.Namespace) -> int:
         options = EvalOptions(
             split=args.split,
             max_samples=args.max_samples,
+            tuning_samples=args.tuning_samples,
             threshold_from=args.threshold_from,
             hidden=tuple(args.hide_modality),
             knockout=tuple(knockout),
