@@ -1,10 +1,11 @@
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from mmehr.experiments import Grid, TableSpec, load_grid, tables_markdown
-from mmehr.report import markdown_to_html
+from mmehr.report import markdown_to_html, planted_signal
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,3 +71,37 @@ def test_markdown_to_html_renders_tables_images_and_lists():
     assert "<li>a <code>b</code></li>" in html
     assert "<th>x</th>" in html and "<td>2</td>" in html
     assert '<img alt="p" src="plots/p.png">' in html
+
+
+def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
+    """Predictions that rise with the note condition only: AUROC 1 for it, 0.5 for the others."""
+    rng = np.random.default_rng(0)
+    n, hour = 40, 3_600_000_000
+    symptom = np.arange(n) % 2 == 0
+    truth = pl.DataFrame(
+        {
+            "subject_id": np.arange(n),
+            "admit_us": np.full(n, 100 * hour),
+            "end_us": np.full(n, 200 * hour),
+            "af": np.arange(n) % 4 < 2,  # independent of symptom
+            "opacity": np.arange(n) % 8 < 4,
+            "symptom": symptom,
+            "visible_risk": rng.normal(size=n),
+        }
+    )
+    truth.write_parquet(tmp_path / "truth.parquet")
+    ev = tmp_path / "run" / "eval" / "icu_admission"
+    ev.mkdir(parents=True)
+    pl.DataFrame(
+        {
+            "subject_id": np.arange(n),
+            "prediction_time": pl.Series(np.full(n, 150 * hour)).cast(pl.Datetime("us")),
+            "boolean_value": symptom,
+            "predicted_boolean_value": symptom,
+            "predicted_boolean_probability": np.where(symptom, 0.8, 0.1).astype(np.float32),
+        }
+    ).write_parquet(ev / "predictions.parquet")
+    lines = planted_signal({"run": ev.parent}, tmp_path / "truth.parquet")
+    row = next(line for line in lines if line.startswith("| run | icu_admission"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == ["40", "0.500", "0.500", "1.000"]
