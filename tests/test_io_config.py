@@ -1,4 +1,8 @@
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,28 @@ def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path: Path):
         raise RuntimeError("interrupted")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_removes_what_a_killed_writer_left_and_nothing_else(tmp_path: Path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is gone, as after SIGKILL
+    host = socket.gethostname()
+    stale = tmp_path / f".out.tmp-{host}-{dead.pid}"
+    (stale / "part").mkdir(parents=True)
+    old = tmp_path / f".out.old-{host}-{dead.pid}"
+    old.mkdir()
+    live = tmp_path / f".out.tmp-{host}-{os.getppid()}"  # a live process: maybe writing right now
+    live.mkdir()
+    other = tmp_path / f".out.tmp-elsewhere-{dead.pid}"  # another host's, on a shared filesystem
+    other.mkdir()
+    sibling = tmp_path / f".other.tmp-{host}-{dead.pid}"
+    sibling.mkdir()
+    with atomic_path(tmp_path / "out") as tmp:
+        tmp.mkdir()
+        (tmp / "x").write_text("done")
+    assert (tmp_path / "out" / "x").read_text() == "done"
+    assert not stale.exists() and not old.exists()
+    assert live.is_dir() and other.is_dir() and sibling.is_dir()
 
 
 def test_atomic_path_replaces_a_directory_only_on_success(tmp_path: Path):

@@ -6,9 +6,11 @@ A later stage trusts a directory only if its manifest exists; the manifest is th
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +23,20 @@ MANIFEST = "manifest.json"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    Works for files and directories. An existing `path` is replaced only after success.
+    Works for files and directories. An existing `path` is replaced only after success. What an earlier
+    writer killed mid-way (SIGKILL, out of memory) left beside `path` is removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     try:
         yield tmp
         if path.is_dir() and tmp.is_dir():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{tag}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +45,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers of `path` left beside it: `.NAME.tmp-HOST-PID` / `.NAME.old-HOST-PID`
+    of this host whose process is gone. Another host's (a shared filesystem) and live ones are kept.
+    Returns what was removed."""
+    path, host, removed = Path(path), socket.gethostname(), []
+    for kind in ("tmp", "old"):
+        for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(host)}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
