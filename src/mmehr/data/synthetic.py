@@ -123,9 +123,7 @@ class SynthConfig:
     cxr_strength: float = 2.0  # log-odds effect of a lung opacity (CXR only)
     note_strength: float = 2.0  # log-odds effect of sepsis-like symptoms (note text only)
     cxr_size: int = 256  # CXR JPEG width = height, pixels
-    lab_panel: int = (
-        10  # labs per draw (ED and each morning): the first N of HOSP_LABS, most acute-sensitive first
-    )
+    lab_panel: int = 10  # labs per draw (ED, mornings): the first N of HOSP_LABS, most acute-sensitive first
     icu_vitals_hours: float = 4.0  # hours between ICU vital-sign rounds
     chunk_subjects: int = 2000  # subjects per MEDS shard / generation chunk (bounds memory)
 

@@ -784,8 +784,8 @@ def evaluate_task(
             u,
             data,
             settings,
-            max_samples=options.tuning_samples
-            if key[1] == "tuning" and options.split != "tuning" and options.tuning_samples
+            max_samples=options.tuning_samples  # the threshold's tuning unit, beside the evaluated split
+            if key[1] != options.split and options.tuning_samples
             else options.max_samples,
             device=device,
             progress=progress,
