@@ -9,7 +9,7 @@ The machine is shared, so steps are timed in CPU seconds of this process on one 
 descheduled by other users' work does not count; wall seconds are reported beside), all cases of one T
 are built in ONE process and stepped round-robin, and each case's time is its fastest step. A square
 fp32 matmul is timed the same way between rounds; its best FLOP/s is the practical limit that achieved
-model FLOP/s (the 3 x forward convention of `estimate_flops_per_token`) is divided by.
+model FLOP/s (the 3 x forward convention of `mmehr.model.accounting`) is divided by.
 Peak memory is measured per case in a fresh process (peak RSS, and its growth during one step).
 
 Targets (issue 5): `latent` adds <= 30% to an EHR-only step at N=512, and is >= 3x cheaper than `none`
@@ -39,8 +39,10 @@ def _build(case: dict):
     """Model, optimizer and batch of one case -> (step function, model FLOPs per step)."""
     import torch
 
-    from mmehr.model.decoder import ModalityConfig, ModelConfig
-    from mmehr.model.fusion import ModalityInputs, MultimodalGPT
+    from mmehr.batch import ModalityInputs
+    from mmehr.model.accounting import train_flops_per_token
+    from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
+    from mmehr.model.gpt import GPT
 
     torch.manual_seed(0)
     B, T, K, N, d_enc = case["batch"], case["T"], case["K"], case["N"], case["d_enc"]
@@ -50,13 +52,14 @@ def _build(case: dict):
         modalities["ecg"] = ModalityConfig(
             d_enc=d_enc, compression=compression, n_latents=8, n_latent_layers=4
         )
+    fusion = FusionConfig(modalities=modalities, gate="tanh", xattn_every=case["xattn_every"],
+                          xattn_ff_mult=1 if case["mode"].endswith("_ff1") else 4)  # fmt: skip
     cfg = ModelConfig(
         vocab_size=case["vocab_size"], n_layer=case["n_layer"], n_head=case["n_head"], n_embd=case["n_embd"],
-        block_size=T, modalities=modalities, gate="tanh", xattn_every=case["xattn_every"],
-        xattn_ff_mult=1 if case["mode"].endswith("_ff1") else 4,
+        block_size=T, fusion=fusion,
     )  # fmt: skip
-    model = MultimodalGPT(cfg).train()
-    for block in model.xattn.values():
+    model = GPT(cfg).train()
+    for block in model.fusion.xattn.values() if model.fusion else []:
         block.gate.data.fill_(0.5)  # open gates: the media path is really computed and differentiated
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
     tokens = torch.randint(1, cfg.vocab_size, (B, T))
@@ -76,7 +79,7 @@ def _build(case: dict):
         opt.zero_grad(set_to_none=True)
 
     events = {"ecg": (K, N)} if modalities else None
-    return step, model.estimate_flops_per_token(T, events=events) * B * T
+    return step, train_flops_per_token(model, T, events=events) * B * T
 
 
 def time_cases(cases: list[dict], rounds: int) -> list[dict]:

@@ -22,8 +22,10 @@ import time
 import numpy as np
 import torch
 
-from mmehr.evaluate.rollout import ContextBatch, RolloutRules, SamplerSettings, sample_rollouts
-from mmehr.model.decoder import GPT, ModelConfig
+from mmehr.batch import Batch
+from mmehr.evaluate.sampler import RolloutRules, SamplerSettings, sample_rollouts
+from mmehr.model.config import ModelConfig
+from mmehr.model.gpt import GPT
 
 VOCAB = 4096
 NEW = 256
@@ -46,15 +48,15 @@ def endless_rules() -> RolloutRules:
     return RolloutRules(allowed, none, none.clone(), -1, torch.zeros(VOCAB, dtype=torch.long), 2**62)
 
 
-def contexts(n: int, context: int, seed: int = 0) -> ContextBatch:
+def contexts(n: int, context: int, seed: int = 0) -> Batch:
     rng = np.random.default_rng(seed)
     rows = [
         (rng.integers(1, VOCAB, context), np.arange(context, dtype=np.int64) * 60_000_000) for _ in range(n)
     ]
-    return ContextBatch.from_rows(rows, [6] * n)
+    return Batch.from_contexts(rows, [6] * n)
 
 
-def measure(m: GPT, batch: ContextBatch, k: int, steps: int, recompute: bool) -> dict:
+def measure(m: GPT, batch: Batch, k: int, steps: int, recompute: bool) -> dict:
     settings = SamplerSettings(n_rollouts=k, temperature=1.0, max_new_tokens=steps, batch_rows=len(batch) * k)
     t0 = time.perf_counter()
     out = sample_rollouts(

@@ -16,7 +16,7 @@ loader). Figures per case:
 - FLOP/s: FLOPs counted by torch.utils.flop_counter over one real forward + backward, divided by the step
   time, as a fraction of a square fp32 matmul's FLOP/s measured just before and after that step in the
   same process (the median over steps of these paired ratios: the machine's load changes by the second);
-  the model's analytic estimate (`batch_flops`, what `mmehr train` reports) is shown beside it.
+  the model's analytic estimate (`batch_train_flops`, what `mmehr train` reports) is shown beside it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmehr.config import apply_overrides, load_yaml
-    from mmehr.train import Trainer, batch_flops, resolve_config
+    from mmehr.model.accounting import batch_train_flops
+    from mmehr.runconfig import resolve_config
+    from mmehr.train import Trainer
 
     raw = load_yaml(ROOT / "configs" / "demo.yaml")
     overrides = [f"data.timelines={paths['timelines']}", f"run.threads={THREADS}", "data.workers=0"]
@@ -151,7 +153,7 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
         "peak_rss_mb": peak,
         "step_peak_increase_mb": peak - rss_before,
         "counted_gflop_per_step": counted / 1e9,
-        "estimated_gflop_per_step": batch_flops(trainer.raw, batch) / 1e9,
+        "estimated_gflop_per_step": batch_train_flops(trainer.raw, batch) / 1e9,
         "model_gflop_per_s": counted / step_s / 1e9,
         "matmul_gflop_per_s": statistics.median(matmuls) / 1e9,
         "fraction_of_matmul": statistics.median(ratios),

@@ -5,8 +5,8 @@ A synthetic cohort is generated with `--canary`: just after each stay ends, a no
 note carries outcome information. Two models are trained identically on the real pipeline (synth,
 tokenize, index notes, encode with the weight-free `note-hash` encoder, train), except that the second is
 the deliberately unmasked variant: its windows retrieve events whatever their time
-(`unsafe_ignore_event_time`) and its cross-attention ignores acquisition times
-(`unsafe_disable_time_mask`). Each is evaluated on ICU admission (predicted at hospital admission, which
+(`unsafe_ignore_event_time`) and its cross-attention ignores acquisition times (the test replaces
+`mmehr.model.fusion.visible_media`, the strict mask, by "every valid event"). Each is evaluated on ICU admission (predicted at hospital admission, which
 the canary reveals) with and without the note modality (the same checkpoint, notes hidden):
 
 - masked: the notes add no AUROC (the paired difference's 95% CI reaches 0 or below);
@@ -25,10 +25,15 @@ import torch
 
 from mmehr.checkpoint import load_model
 from mmehr.data.windows import TrainWindows, assemble
-from mmehr.evaluate.rollout import EvalData, EvalOptions, SamplerSettings, evaluate
+from mmehr.evaluate.pipeline import evaluate
+from mmehr.evaluate.runner import EvalData
+from mmehr.evaluate.sampler import SamplerSettings
+from mmehr.evaluate.scoring import EvalOptions
 from mmehr.evaluate.tasks import load_task
 from mmehr.modalities.store import EmbeddingStore
-from mmehr.train import Trainer, resolve_config
+from mmehr.model import fusion
+from mmehr.runconfig import resolve_config
+from mmehr.train import Trainer
 
 
 class LeakyWindows(TrainWindows):
@@ -84,8 +89,20 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def see_every_event(times, media_time, media_valid):
+    """The unmasked variant of `mmehr.model.fusion.visible_media`: every valid event, whatever its time."""
+    return media_valid[:, None, :].expand(-1, times.shape[1], -1)
+
+
 def train_and_evaluate(root: Path, leaky: bool) -> dict:
     """Train one model (500 steps, ~1M tokens) and evaluate ICU admission with and without notes."""
+    with pytest.MonkeyPatch.context() as patch:
+        if leaky:
+            patch.setattr(fusion, "visible_media", see_every_event)
+        return _train_and_evaluate(root, leaky)
+
+
+def _train_and_evaluate(root: Path, leaky: bool) -> dict:
     torch.set_num_threads(1)
     raw = {
         "data": {
@@ -97,9 +114,7 @@ def train_and_evaluate(root: Path, leaky: bool) -> dict:
             "n_head": 2,
             "n_embd": 64,
             "block_size": 128,
-            "gate": "tanh",
-            "xattn_every": 1,
-            "modalities": {"note": {"compression": "mean"}},
+            "fusion": {"gate": "tanh", "xattn_every": 1, "modalities": {"note": {"compression": "mean"}}},
         },
         "optim": {"max_steps": 500, "batch_size": 16, "warmup_steps": 20, "lr": 3e-3, "min_lr": 2e-4},
         "run": {"eval_every": 0, "val_windows": 16, "log_every": 100, "threads": 1, "seed": 0},
@@ -111,11 +126,9 @@ def train_and_evaluate(root: Path, leaky: bool) -> dict:
         trainer.train_windows = LeakyWindows(
             w.store, w.block_size, w.modality_stores, w.k_max, max_tokens=w.max_tokens, seed=0
         )
-        trainer.raw.unsafe_disable_time_mask = True
     trainer.fit()
 
     model, _ = load_model(root / f"train_{name}")
-    model.unsafe_disable_time_mask = leaky
     data = EvalData(
         root / "timelines", 120, {"note": EmbeddingStore(root / "notes")}, {"note": 4}, {"note": 64}
     )

@@ -11,7 +11,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmehr.config import ConfigError, from_dict, load_config
-from mmehr.model.decoder import GPT, KVCache, ModalityConfig, ModelConfig, next_token_loss
+from mmehr.model.accounting import forward_flops, num_parameters, train_flops_per_token
+from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
+from mmehr.model.decoder import KVCache, next_token_loss
+from mmehr.model.gpt import GPT
 
 V = 40
 
@@ -34,16 +37,17 @@ def full_logits(m: GPT, seq: list[int]) -> torch.Tensor:
 def test_config_loads_from_yaml_with_modalities(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_text(
-        "vocab_size: 100\nn_layer: 4\nn_head: 2\nn_embd: 32\nblock_size: 64\nxattn_every: 2\ngate: tanh\n"
-        "modalities:\n  ecg: {d_enc: 768, compression: latent, n_latents: 8, n_latent_layers: 4}\n"
-        "  note: {d_enc: 384, compression: mean}\n"
+        "vocab_size: 100\nn_layer: 4\nn_head: 2\nn_embd: 32\nblock_size: 64\n"
+        "fusion:\n  xattn_every: 2\n  gate: tanh\n  modalities:\n"
+        "    ecg: {d_enc: 768, compression: latent, n_latents: 8, n_latent_layers: 4}\n"
+        "    note: {d_enc: 384, compression: mean}\n"
     )
-    cfg = load_config(ModelConfig, path, overrides=["modalities.note.compression=none"])
+    cfg = load_config(ModelConfig, path, overrides=["fusion.modalities.note.compression=none"])
     assert cfg.modalities["ecg"] == ModalityConfig(
         d_enc=768, compression="latent", n_latents=8, n_latent_layers=4
     )
     assert cfg.modalities["note"].compression == "none"
-    assert cfg.gate == "tanh"
+    assert cfg.fusion.gate == "tanh"
     assert cfg.xattn_layers == [1, 3]
     assert tiny().xattn_layers == []  # EHR-only: no cross-attention blocks
 
@@ -52,13 +56,13 @@ def test_config_rejects_inconsistent_values():
     with pytest.raises(ValueError, match="divisible"):
         tiny(n_embd=15, n_head=2)
     with pytest.raises(ConfigError, match="compression"):
-        from_dict(ModelConfig, {"modalities": {"ecg": {"d_enc": 8, "compression": "max"}}})
+        from_dict(ModelConfig, {"fusion": {"modalities": {"ecg": {"d_enc": 8, "compression": "max"}}}})
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(ModelConfig, {"n_layers": 3})
     with pytest.raises(ValueError, match="modality_dropout"):
-        tiny(modality_dropout=1.5)
+        tiny(fusion=FusionConfig(modality_dropout=1.5))
     with pytest.raises(ValueError, match="no cross-attention block"):
-        tiny(n_layer=2, xattn_every=3, modalities={"ecg": ModalityConfig(d_enc=8)})
+        tiny(n_layer=2, fusion=FusionConfig(xattn_every=3, modalities={"ecg": ModalityConfig(d_enc=8)}))
 
 
 def test_weights_are_tied_and_parameters_counted():
@@ -67,8 +71,8 @@ def test_weights_are_tied_and_parameters_counted():
     assert m.lm_head.weight is m.transformer.wte.weight
     per_block = 12 * D * D + 13 * D  # qkv, proj, mlp (weights + biases), two LayerNorms
     expected = V * D + 32 * D + L * per_block + 2 * D
-    assert m.num_parameters(non_embedding=False) == expected
-    assert m.num_parameters() == expected - 32 * D
+    assert num_parameters(m, non_embedding=False) == expected
+    assert num_parameters(m) == expected - 32 * D
 
 
 def test_init_scales_residual_projections_like_gpt2():
@@ -222,5 +226,5 @@ def test_estimate_flops_matches_counted_flops():
     B, T = 2, 24
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         m(torch.randint(1, V, (B, T)))
-    assert counter.get_total_flops() == B * m.estimate_flops(T)["decoder"]
-    assert m.estimate_flops_per_token(T) == 3 * m.estimate_flops(T)["decoder"] / T
+    assert counter.get_total_flops() == B * forward_flops(m, T)["decoder"]
+    assert train_flops_per_token(m, T) == 3 * forward_flops(m, T)["decoder"] / T

@@ -10,8 +10,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmehr.model.decoder import GPT, ModalityConfig, ModelConfig
-from mmehr.model.fusion import GatedCrossAttentionBlock, MaskedCrossAttention, ModalityInputs, MultimodalGPT
+from mmehr.batch import ModalityInputs
+from mmehr.model import fusion
+from mmehr.model.accounting import forward_flops, parameter_counts, train_flops_per_token
+from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
+from mmehr.model.fusion import GatedCrossAttentionBlock, MaskedCrossAttention
+from mmehr.model.gpt import GPT
 
 V, D = 40, 16
 HOUR = 3_600_000_000
@@ -20,40 +24,33 @@ MODES = ["none", "mean", "latent"]
 GATES = ["sigmoid", "tanh"]
 
 
-def config(compression: str = "latent", gate: str = "sigmoid", **kw) -> ModelConfig:
+def config(compression: str = "latent", gate: str = "sigmoid", n_layer: int = 2, **fusion_kw) -> ModelConfig:
     modality = ModalityConfig(d_enc=12, compression=compression, n_latents=3, n_latent_layers=2)
-    base = dict(
-        vocab_size=V,
-        n_layer=2,
-        n_head=2,
-        n_embd=D,
-        block_size=48,
-        modalities={"note": modality},
-        gate=gate,
-        xattn_every=1,
+    fusion_cfg = FusionConfig(
+        **{"modalities": {"note": modality}, "gate": gate, "xattn_every": 1, **fusion_kw}
     )
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig(vocab_size=V, n_layer=n_layer, n_head=2, n_embd=D, block_size=48, fusion=fusion_cfg)
 
 
-def model(compression: str = "latent", gate: str = "sigmoid", opened: bool = True, **kw) -> MultimodalGPT:
+def model(compression: str = "latent", gate: str = "sigmoid", opened: bool = True, **kw) -> GPT:
     torch.manual_seed(0)
-    m = MultimodalGPT(config(compression, gate, **kw)).eval()
+    m = GPT(config(compression, gate, **kw)).eval()
     if opened:
         set_gates(m, 2.0 if gate == "sigmoid" else 1.0)
     return m
 
 
-def set_gates(m: MultimodalGPT, value: float) -> None:
-    for block in m.xattn.values():
+def set_gates(m: GPT, value: float) -> None:
+    for block in m.fusion.xattn.values():
         block.gate.data.fill_(value)
 
 
-def ehr_only(m: MultimodalGPT) -> GPT:
+def ehr_only(m: GPT) -> GPT:
     """The EHR-only decoder with the multimodal model's own decoder weights."""
-    ehr = GPT(dataclasses.replace(m.config, modalities={})).eval()
+    ehr = GPT(dataclasses.replace(m.config, fusion=FusionConfig())).eval()
     missing, unexpected = ehr.load_state_dict(m.state_dict(), strict=False)
     assert not missing
-    assert all(k.split(".")[0] in ("compressors", "xattn", "modality_embedding") for k in unexpected)
+    assert all(k.split(".")[0] == "fusion" for k in unexpected)
     return ehr
 
 
@@ -106,10 +103,13 @@ def test_an_event_at_exactly_a_token_time_is_invisible_to_that_token():
     assert (out[:, 7] - base[:, 7]).abs().max() > 1e-4
 
 
-def test_time_mask_is_what_prevents_leakage():
+def test_time_mask_is_what_prevents_leakage(monkeypatch):
     m = model()
     tokens, times, mods = batch()
-    m.unsafe_disable_time_mask = True
+    # Without the mask (every valid event visible to every token):
+    monkeypatch.setattr(
+        fusion, "visible_media", lambda times, _, valid: valid[:, None, :].expand(-1, times.shape[1], -1)
+    )
     base = m(tokens, times, mods)[0]
     out = m(tokens, times, perturb_event(mods, 2))[0]  # the 11.5 h event now reaches token 0
     assert (out[:, 0] - base[:, 0]).abs().max() > 1e-4
@@ -178,7 +178,7 @@ def test_rows_without_visible_media_get_an_exact_zero_update_and_finite_gradient
     assert torch.isfinite(x.grad).all() and torch.isfinite(media.grad).all()
     assert torch.equal(x.grad[0, :2], torch.zeros(2, D))
     assert torch.equal(media.grad[1, 1:], torch.zeros(2, D))  # invisible media receive no gradient
-    block = GatedCrossAttentionBlock(cfg)
+    block = GatedCrossAttentionBlock(cfg, cfg.fusion)
     block.gate.data.fill_(3.0)
     out = block(x, attn.media_kv(media), mask=mask, has_any=has_any)
     assert torch.equal(out[0, :2], x[0, :2])  # the whole block (attention and FF) is the identity there
@@ -193,7 +193,7 @@ def test_training_backward_is_finite_with_rows_that_see_nothing():
     )
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
-    assert all(block.gate.grad.abs().min() > 0 for block in m.xattn.values())
+    assert all(block.gate.grad.abs().min() > 0 for block in m.fusion.xattn.values())
 
 
 def test_loss_ignores_targets_at_masked_positions():
@@ -203,12 +203,12 @@ def test_loss_ignores_targets_at_masked_positions():
     mask = torch.ones_like(tokens, dtype=torch.bool)
     mask[:, :3] = False  # static context
     mask[1, -4:] = False  # padding
-    loss = m(tokens, times, mods, targets, mask)[1]
+    loss = m(tokens, times, mods, targets=targets, loss_mask=mask)[1]
     changed = targets.clone()
     changed[~mask] = 0
-    assert m(tokens, times, mods, changed, mask)[1].item() == loss.item()
+    assert m(tokens, times, mods, targets=changed, loss_mask=mask)[1].item() == loss.item()
     changed[0, 5] = (changed[0, 5] + 1) % V
-    assert m(tokens, times, mods, changed, mask)[1].item() != loss.item()
+    assert m(tokens, times, mods, targets=changed, loss_mask=mask)[1].item() != loss.item()
 
 
 def test_gate_scales_the_modality_contribution():
@@ -230,18 +230,10 @@ def three_modalities():
         "cxr": ModalityConfig(d_enc=20, compression="mean"),
         "note": ModalityConfig(d_enc=9, compression="none"),
     }
-    cfg = ModelConfig(
-        vocab_size=V,
-        n_layer=3,
-        n_head=2,
-        n_embd=D,
-        block_size=48,
-        modalities=mods_cfg,
-        gate="tanh",
-        xattn_every=1,
-    )
+    fusion_cfg = FusionConfig(modalities=mods_cfg, gate="tanh", xattn_every=1)
+    cfg = ModelConfig(vocab_size=V, n_layer=3, n_head=2, n_embd=D, block_size=48, fusion=fusion_cfg)
     torch.manual_seed(0)
-    m = MultimodalGPT(cfg).eval()
+    m = GPT(cfg).eval()
     set_gates(m, 1.0)
     B, T = 4, 12
     g = torch.Generator().manual_seed(3)
@@ -327,15 +319,15 @@ def test_modality_dropout_drops_events_only_at_train_time():
 
 def test_time_bias_keeps_the_strict_mask():
     m = model(time_bias=True)
-    torch.nn.init.normal_(m.time_bias.table, std=1.0)
+    torch.nn.init.normal_(m.fusion.time_bias.table, std=1.0)
     tokens, times, mods = batch()
     base = m(tokens, times, mods)[0]
     out = m(tokens, times, perturb_event(mods, 1))[0]
     seen_before = times <= mods["note"].event_time[:, 1:2]
     torch.testing.assert_close(out[seen_before], base[seen_before], rtol=0, atol=1e-6)
-    m.time_bias.table.data.zero_()  # the initial state: a zero table is no bias at all
+    m.fusion.time_bias.table.data.zero_()  # the initial state: a zero table is no bias at all
     no_bias = m(tokens, times, mods)[0]
-    m.time_bias = None
+    m.fusion.time_bias = None
     torch.testing.assert_close(m(tokens, times, mods)[0], no_bias, rtol=1e-6, atol=1e-6)
 
 
@@ -349,17 +341,17 @@ def row(m, tokens, times, media, b, n):
 def test_cached_decoding_with_media_equals_full_recomputation(compression, time_bias):
     m = model(compression, time_bias=time_bias)
     if time_bias:
-        torch.nn.init.normal_(m.time_bias.table, std=1.0)
+        torch.nn.init.normal_(m.fusion.time_bias.table, std=1.0)
     tokens, times, mods = batch(B=3, T=16)
     media = m.encode_media(mods)
     kv_calls = []
-    for block in m.xattn.values():
+    for block in m.fusion.xattn.values():
         block.attn.kv.register_forward_hook(lambda *_: kv_calls.append(1))
     lengths = torch.tensor([3, 6, 9])  # short contexts: events become visible while decoding
     cache = m.new_cache(3)
     with torch.no_grad():
         last = m.prefill(tokens[:, :9], times[:, :9], cache, media=media, lengths=lengths)
-        assert len(kv_calls) == len(m.xattn)  # media keys/values: once per block per sequence
+        assert len(kv_calls) == len(m.fusion.xattn)  # media keys/values: once per block per sequence
         for b in range(3):
             torch.testing.assert_close(
                 last[b], row(m, tokens, times, media, b, int(lengths[b]))[-1], rtol=1e-5, atol=1e-5
@@ -412,38 +404,38 @@ def test_param_groups_keep_gates_norms_biases_and_embeddings_out_of_weight_decay
     m = model(time_bias=True)
     decay, no_decay, gates = m.param_groups(0.1)
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
-    assert ids(gates) == {id(b.gate) for b in m.xattn.values()}
-    assert gates["weight_decay"] == 0.0 and gates["lr_scale"] == m.config.gate_lr_scale
+    assert ids(gates) == {id(b.gate) for b in m.fusion.xattn.values()}
+    assert gates["weight_decay"] == 0.0 and gates["lr_scale"] == m.config.fusion.gate_lr_scale
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     every = [id(p) for g in (decay, no_decay, gates) for p in g["params"]]
     assert sorted(every) == sorted(id(p) for p in m.parameters())  # each parameter exactly once
     for p in (
         m.transformer.wte.weight,
         m.transformer.wpe.weight,
-        m.compressors["note"].latents,
-        m.time_bias.table,
-        m.modality_embedding.weight,
+        m.fusion.compressors["note"].latents,
+        m.fusion.time_bias.table,
+        m.fusion.modality_embedding.weight,
         m.transformer.h[0].ln_1.weight,
         m.transformer.h[0].attn.c_attn.bias,
     ):
         assert id(p) in ids(no_decay)
-    assert id(m.xattn["0"].attn.c_proj.weight) in ids(decay)
-    assert id(m.compressors["note"].proj.weight) in ids(decay)
+    assert id(m.fusion.xattn["0"].attn.c_proj.weight) in ids(decay)
+    assert id(m.fusion.compressors["note"].proj.weight) in ids(decay)
     opt = torch.optim.AdamW(m.param_groups(0.1), lr=1e-3)
-    assert opt.param_groups[2]["lr_scale"] == m.config.gate_lr_scale
+    assert opt.param_groups[2]["lr_scale"] == m.config.fusion.gate_lr_scale
 
 
 def test_gate_values_name_every_block():
     torch.manual_seed(0)
-    m = MultimodalGPT(config(n_layer=4, xattn_every=2))
+    m = GPT(config(n_layer=4, xattn_every=2))
     assert sorted(m.gate_values()) == ["xattn.1.attn", "xattn.1.ff", "xattn.3.attn", "xattn.3.ff"]
-    plain = MultimodalGPT(dataclasses.replace(config(), modalities={}))
+    plain = GPT(dataclasses.replace(config(), fusion=FusionConfig()))
     assert plain.gate_values() == {} and len(plain.param_groups(0.1)) == 2
-    counts = m.parameter_counts()
+    counts = parameter_counts(m)
     assert counts["total"] == counts["decoder"] + counts["compression"] + counts["cross_attention"]
 
 
-def counted_forward_flops(m: MultimodalGPT, T: int, N: int, K: int = 2) -> int:
+def counted_forward_flops(m: GPT, T: int, N: int, K: int = 2) -> int:
     B = 1
     tokens = torch.randint(1, V, (B, T))
     times = T0 + torch.arange(T).expand(B, T) * HOUR
@@ -455,7 +447,7 @@ def counted_forward_flops(m: MultimodalGPT, T: int, N: int, K: int = 2) -> int:
     )
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         m(tokens, times, {"note": note})
-    assert counter.get_total_flops() == sum(m.estimate_flops(T, {"note": (K, N)}).values())
+    assert counter.get_total_flops() == sum(forward_flops(m, T, {"note": (K, N)}).values())
     return counter.get_total_flops()
 
 
@@ -467,7 +459,7 @@ def test_cost_scaling_in_encoder_tokens_and_context(compression):
     assert f[32, 8] - f[16, 8] == 2 * (f[16, 8] - f[8, 8]) > 0
     interaction = f[16, 16] - f[16, 8] - f[8, 16] + f[8, 8]  # the N x T term
     if compression == "none":  # cross-attention over all K N tokens from each of T queries
-        assert interaction == len(m.xattn) * 4 * D * 2 * (16 - 8) * (16 - 8)
+        assert interaction == len(m.fusion.xattn) * 4 * D * 2 * (16 - 8) * (16 - 8)
     else:  # latent/mean: cross-attention sees K k tokens whatever N is
         assert interaction == 0
-    assert m.estimate_flops_per_token(16, events={"note": (2, 16)}) == 3 * f[16, 16] / 16
+    assert train_flops_per_token(m, 16, events={"note": (2, 16)}) == 3 * f[16, 16] / 16

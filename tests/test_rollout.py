@@ -17,24 +17,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from mmehr.batch import Batch, ModalityInputs
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.tokenizer import INTERVAL_EDGES_US, INTERVAL_TOKENS, QUANTILES, Vocab
-from mmehr.evaluate.rollout import (
+from mmehr.evaluate.sampler import (
     CAP,
     OUTCOME,
     STOP_REASONS,
     TIME_LIMIT,
     CachedStepper,
-    ContextBatch,
     RecomputeStepper,
     RolloutRules,
     SamplerSettings,
-    cohort_members,
     sample_rollouts,
 )
-from mmehr.evaluate.tasks import DAY_US, TaskTokens, load_task, task_samples
-from mmehr.model.decoder import GPT, ModalityConfig, ModelConfig
-from mmehr.model.fusion import ModalityInputs, MultimodalGPT
+from mmehr.evaluate.scoring import cohort_members
+from mmehr.evaluate.tasks import TaskTokens, load_task, task_samples
+from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
+from mmehr.model.gpt import GPT
+from mmehr.units import DAY_US
 
 HOUR = 3_600_000_000
 T0 = 1_600_000_000_000_000  # µs since the epoch
@@ -81,19 +82,24 @@ def gpt(block_size: int = 40, seed: int = 0) -> GPT:
     return GPT(ModelConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=block_size)).eval()
 
 
-def multimodal(block_size: int = 40, seed: int = 0) -> MultimodalGPT:
+def multimodal(block_size: int = 40, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     note = ModalityConfig(d_enc=12, compression="latent", n_latents=3, n_latent_layers=1)
     cfg = ModelConfig(
-        vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=block_size, modalities={"note": note}
+        vocab_size=V,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        block_size=block_size,
+        fusion=FusionConfig(modalities={"note": note}),
     )
-    m = MultimodalGPT(cfg).eval()
-    for block in m.xattn.values():
+    m = GPT(cfg).eval()
+    for block in m.fusion.xattn.values():
         block.gate.data.fill_(2.0)  # open: the media visibly changes the logits
     return m
 
 
-def contexts(lengths=(5, 9, 14), seed: int = 0, with_media: bool = False) -> ContextBatch:
+def contexts(lengths=(5, 9, 14), seed: int = 0, with_media: bool = False) -> Batch:
     """Contexts starting with the 2 static tokens, tokens 1 h apart; notes at T0 + 1.5 h and T0 + 3.5 h."""
     g = np.random.default_rng(seed)
     rows = []
@@ -112,7 +118,7 @@ def contexts(lengths=(5, 9, 14), seed: int = 0, with_media: bool = False) -> Con
             torch.ones(S, K, dtype=torch.bool),
         )
         mods = {"note": note}
-    return ContextBatch.from_rows(rows, [2] * len(lengths), mods)
+    return Batch.from_contexts(rows, [2] * len(lengths), mods)
 
 
 def rules(task: str = "icu_mortality") -> RolloutRules:
@@ -273,7 +279,8 @@ def mmehr(*args: str, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(demo_timelines: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained for a few steps on the demo (the real trainer and checkpoint format)."""
-    from mmehr.train import resolve_config, train
+    from mmehr.runconfig import resolve_config
+    from mmehr.train import train
 
     raw = {
         "data": {"timelines": str(demo_timelines)},

@@ -27,7 +27,9 @@ from mmehr.data.windows import TrainWindows
 from mmehr.io import read_json, write_json
 from mmehr.modalities.encoders import get_encoder
 from mmehr.modalities.store import EmbeddingStore, encode_events
-from mmehr.train import OptimConfig, lr_at, resolve_config, train
+from mmehr.model.gpt import GPT
+from mmehr.runconfig import OptimConfig, resolve_config
+from mmehr.train import lr_at, train
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -57,8 +59,9 @@ def raw_config(timelines: Path, store: Path | None, **sections) -> dict:
     """A tiny run: 2 layers x 32, context 48, 4 windows x 2 micro-batches per step, dropouts on."""
     cfg = {
         "data": {"timelines": str(timelines), "modalities": {"note": {"store": str(store), "k_max": 3}} if store else {}},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 48, "dropout": 0.1, "xattn_every": 1,
-                  "modality_dropout": 0.2, "modalities": {"note": {"compression": "latent", "n_latents": 4, "n_latent_layers": 1}} if store else {}},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 48, "dropout": 0.1,
+                  "fusion": {"xattn_every": 1, "modality_dropout": 0.2,
+                             "modalities": {"note": {"compression": "latent", "n_latents": 4, "n_latent_layers": 1}} if store else {}}},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "max_steps": 8, "batch_size": 4, "grad_accum": 2},
         "run": {"seed": 0, "threads": 1, "log_every": 2, "eval_every": 4, "val_windows": 8, "checkpoint_every": 4},
     }  # fmt: skip
@@ -220,10 +223,8 @@ def test_freeze_decoder_trains_only_compression_and_cross_attention(
         == summary["parameters"]["compression"] + summary["parameters"]["cross_attention"]
     )
     torch.manual_seed(0)  # the trainer's seed: the multimodal parts' initial values
-    from mmehr.model.fusion import MultimodalGPT
-
-    init = MultimodalGPT(resolve_config(cfg).model).state_dict()
-    multimodal = [k for k in after if k.startswith(("compressors.", "xattn."))]
+    init = GPT(resolve_config(cfg).model).state_dict()
+    multimodal = [k for k in after if k.startswith(("fusion.compressors.", "fusion.xattn."))]
     assert multimodal and all(
         not torch.equal(after[k], init[k]) for k in multimodal if k.endswith(("weight", "gate"))
     )
@@ -270,7 +271,7 @@ def test_config_resolution_fills_sizes_and_fails_clearly(demo_timelines, note_st
     with pytest.raises(ConfigError, match="note-hash"):
         resolve_config(wrong)
     orphan = raw_config(demo_timelines, None)
-    orphan["model"]["modalities"] = {"ecg": {"compression": "mean"}}
+    orphan["model"]["fusion"] = {"modalities": {"ecg": {"compression": "mean"}}}
     with pytest.raises(ConfigError, match="ecg"):
         resolve_config(orphan)
     with pytest.raises(FileNotFoundError, match="manifest"):
@@ -321,4 +322,4 @@ def test_shipped_configs_resolve(name, demo_timelines, note_store):
         assert (o.lr, o.min_lr) == (6e-4, 6e-5) and config.run.dtype == "bf16"
     else:  # small enough to train in minutes on 2 CPU cores (README: the demo)
         assert (config.model.n_layer, config.model.n_embd, config.model.block_size) == (2, 128, 256)
-        assert config.model.gate_init == 0.0 and config.optim.max_steps == 2000
+        assert config.model.fusion.gate_init == 0.0 and config.optim.max_steps == 2000

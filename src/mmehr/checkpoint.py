@@ -5,7 +5,7 @@ A checkpoint is one directory:
     model.safetensors   the model's weights (fp32; the tied LM head stored once)
     trainer_state.pt    optimizer state, step, data position, RNG state, validation bookkeeping: plain
                         tensors, numbers and strings, read back with torch.load(weights_only=True)
-    config.yaml         the resolved run config (`mmehr.train.TrainConfig`): model sizes, the timelines
+    config.yaml         the resolved run config (`mmehr.runconfig.TrainConfig`): model sizes, the timelines
                         directory and, per modality, the embedding store and k_max
     vocab.json          a copy of the vocabulary the model was trained with (its sha256 is in the manifest,
                         with the timelines directory it came from)
@@ -24,18 +24,15 @@ import hashlib
 import pickle
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
 import torch
 
 from mmehr.config import load_config, save_config
 from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, write_json
-from mmehr.model.fusion import MultimodalGPT
-
-if TYPE_CHECKING:
-    from mmehr.data.tokenizer import Vocab
-    from mmehr.train import TrainConfig
+from mmehr.model.gpt import GPT
+from mmehr.runconfig import TrainConfig
 
 WEIGHTS, STATE, CONFIG, VOCAB = "model.safetensors", "trainer_state.pt", "config.yaml", "vocab.json"
 
@@ -150,14 +147,13 @@ def resolve_checkpoint(path: str | Path, which: str = "auto") -> Path:
 
 
 def load_config_of(checkpoint_dir: str | Path) -> TrainConfig:
-    from mmehr.train import TrainConfig
-
+    """The resolved run config saved in a checkpoint."""
     return load_config(TrainConfig, Path(checkpoint_dir) / CONFIG)
 
 
 def load_model(
     checkpoint_dir: str | Path, device: str | torch.device = "cpu", which: str = "auto"
-) -> tuple[MultimodalGPT, TrainConfig]:
+) -> tuple[GPT, TrainConfig]:
     """The trained model (eval mode, on `device`) and its resolved TrainConfig.
 
     `checkpoint_dir`: a checkpoint, or a run directory (see `resolve_checkpoint` for `which`). The config
@@ -166,13 +162,6 @@ def load_model(
     """
     directory = resolve_checkpoint(checkpoint_dir, which)
     config = load_config_of(directory)
-    model = MultimodalGPT(config.model)
+    model = GPT(config.model)
     load_weights(model, directory)
     return model.to(device).eval(), config
-
-
-def load_vocab(checkpoint_dir: str | Path, which: str = "auto") -> Vocab:
-    """The vocabulary a checkpoint was trained with (its own copy)."""
-    from mmehr.data.tokenizer import Vocab
-
-    return Vocab.load(resolve_checkpoint(checkpoint_dir, which) / VOCAB)

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("mmehr.modalities.sources", "index ECG / CXR / note sources into modality events"),
     "encode": ("mmehr.modalities.store", "encode modality events once with a frozen encoder"),
     "train": ("mmehr.train", "train a model from a YAML config"),
-    "evaluate": ("mmehr.evaluate.rollout", "zero-shot evaluation of tasks by sampled rollouts"),
+    "evaluate": ("mmehr.evaluate.cli", "zero-shot evaluation of tasks by sampled rollouts"),
     "ablate": ("mmehr.experiments", "run an ablation grid and write the paper's tables"),
     "report": ("mmehr.report", "write the markdown/HTML report for an output directory"),
 }

@@ -10,7 +10,7 @@ compression method, k, l, ...), and the tables to build from them:
     seeds: [0, 1]
     set: ["optim.max_steps=600"]       # overrides for every run
     runs:
-      ehr_only: ["model.modalities={}"]
+      ehr_only: ["model.fusion.modalities={}"]
       notes: [...]
     knockout: [all_three]              # runs also evaluated with each modality hidden
     tables:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import math
@@ -36,15 +35,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from mmehr.batch import Batch
 from mmehr.checkpoint import (
     CONFIG,
     load_config_of,
@@ -56,159 +54,14 @@ from mmehr.checkpoint import (
     sha256_file,
     step_checkpoints,
 )
-from mmehr.config import ConfigError, apply_overrides, from_dict, load_yaml, save_config, to_dict
+from mmehr.config import save_config, to_dict
 from mmehr.data.timelines import TimelineStore
-from mmehr.data.windows import Batch, TrainWindows, iterate_micro_batches, rank_micro_batches
+from mmehr.data.windows import TrainWindows, iterate_micro_batches, rank_micro_batches
+from mmehr.distributed import Distributed, set_threads
 from mmehr.io import MANIFEST, read_manifest, write_json
-from mmehr.modalities.store import EmbeddingStore
-from mmehr.model.decoder import ModelConfig
-from mmehr.model.fusion import MultimodalGPT
-
-# ----------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class ModalityData:
-    """One modality's events: the embedding store of one (modality, frozen encoder) and how many a window carries.
-
-    encoder: the encoder the store must have been made with ("" accepts any); max_tokens: truncate each
-    event to this many encoder tokens (None: the longest in the batch); enabled: false switches it off.
-    """
-
-    store: str
-    k_max: int = 4
-    max_tokens: int | None = None
-    encoder: str = ""
-    enabled: bool = True
-
-
-@dataclass
-class DataConfig:
-    """Where the windows come from. val_split "" turns validation off."""
-
-    timelines: str = ""
-    train_split: str = "train"
-    val_split: str = "tuning"
-    sampling: Literal["random", "stride"] = "random"
-    stride: int = 0  # stride sampling: tokens between window starts (0: the window length)
-    modalities: dict[str, ModalityData] = field(default_factory=dict)
-    workers: int = 0  # DataLoader worker processes building batches (0: in the training process)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay to min_lr at max_steps; grad_clip 0 turns clipping off."""
-
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    warmup_steps: int = 100
-    max_steps: int = 2000
-    batch_size: int = 8  # windows per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step, all processes together
-
-
-@dataclass
-class TrainableConfig:
-    """What is trained. The frozen encoders never are (their outputs are stored). freeze_decoder trains only
-    compression + cross-attention (Flamingo-style), normally starting from an EHR-only run via init_from."""
-
-    init_from: str = ""  # a checkpoint, or a run directory (its best checkpoint, else its final one)
-    freeze_decoder: bool = False
-
-
-@dataclass
-class RunConfig:
-    out: str = "runs/train"
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda when available
-    dtype: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU always computes in fp32
-    compile: bool = False
-    threads: int = 0  # torch threads per process (0: the cores this process may use / processes per node)
-    log_every: int = 10
-    eval_every: int = 200  # steps between validations (0: only at the end)
-    val_windows: int = 64
-    early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    peak_tflops: float = 0.0  # the hardware's peak, for MFU in the summary (0: not reported)
-
-
-@dataclass
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainableConfig = field(default_factory=TrainableConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-
-def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Validate a raw config and fill what the data determines: absolute paths, model.vocab_size from the
-    timelines' vocab, each enabled modality's d_enc from its store (only enabled modalities reach the model)."""
-    raw = copy.deepcopy(raw)
-    data, model = raw.setdefault("data", {}), raw.setdefault("model", {})
-    if not data.get("timelines"):
-        raise ConfigError(f"{where}: data.timelines (a `mmehr tokenize` output directory) is required")
-    timelines = Path(data["timelines"]).resolve()
-    manifest = read_manifest(timelines)
-    data["timelines"] = str(timelines)
-    if model.setdefault("vocab_size", manifest["vocab_size"]) != manifest["vocab_size"]:
-        raise ConfigError(
-            f"{where}: model.vocab_size {model['vocab_size']} != {manifest['vocab_size']} of {timelines}"
-        )
-    model_mods = model.get("modalities") or {}
-    enabled = {}
-    for name, m in (data.get("modalities") or {}).items():
-        if not isinstance(m, dict) or "store" not in m:
-            raise ConfigError(
-                f"{where}: data.modalities.{name} needs a `store` (an embedding store directory)"
-            )
-        m["store"] = str(Path(m["store"]).resolve())
-        if str(m.get("enabled", True)).lower() in ("false", "0", "no"):
-            continue
-        store = read_manifest(m["store"])
-        if m.get("encoder") and m["encoder"] != store["encoder"]:
-            raise ConfigError(
-                f"{where}: data.modalities.{name}.encoder is {m['encoder']!r} but {m['store']} holds {store['encoder']!r}"
-            )
-        spec = dict(model_mods.get(name) or {})
-        if spec.setdefault("d_enc", store["d_enc"]) != store["d_enc"]:
-            raise ConfigError(
-                f"{where}: model.modalities.{name}.d_enc {spec['d_enc']} != {store['d_enc']} of {m['store']}"
-            )
-        enabled[name] = spec
-    extra = set(model_mods) - set(data.get("modalities") or {})
-    if extra:
-        raise ConfigError(
-            f"{where}: model.modalities {sorted(extra)} have no data.modalities entry (no store)"
-        )
-    model["modalities"] = enabled
-    if raw.get("train", {}).get("init_from"):
-        raw["train"]["init_from"] = str(Path(raw["train"]["init_from"]).resolve())
-    try:
-        config = from_dict(TrainConfig, raw, where)
-    except ValueError as e:  # ModelConfig's own checks
-        raise ConfigError(f"{where}: {e}") from e
-    o = config.optim
-    if o.batch_size < 1 or o.grad_accum < 1 or o.max_steps < 1 or o.warmup_steps < 0:
-        raise ConfigError(
-            f"{where}: optim.batch_size, grad_accum and max_steps must be >= 1, warmup_steps >= 0"
-        )
-    if config.train.freeze_decoder and not config.model.modalities:
-        raise ConfigError(f"{where}: train.freeze_decoder with no enabled modality leaves nothing to train")
-    return config
-
-
-def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    raw = load_yaml(path) if path is not None else {}
-    apply_overrides(raw, overrides or [])
-    return resolve_config(raw, str(path) if path else "config")
-
+from mmehr.model.accounting import batch_train_flops, parameter_counts
+from mmehr.model.gpt import GPT
+from mmehr.runconfig import OptimConfig, TrainConfig, load_train_config, modality_stores
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces of the trainer
@@ -227,75 +80,17 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls, use_cuda: bool) -> Distributed:
-        """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-        env = os.environ
-        d = cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))  # fmt: skip
-        if d.enabled and not dist.is_initialized():
-            if use_cuda:
-                torch.cuda.set_device(d.local_rank)
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        return d
-
-    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if self.enabled:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def set_threads(threads: int, local_world_size: int) -> int:
-    """Torch threads: `threads`, or this process's share of the cores it may run on."""
-    if threads <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // local_world_size)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def open_modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore]:
-    stores = {}
-    for name in config.model.modalities:
-        store = stores[name] = EmbeddingStore(config.data.modalities[name].store)
-        if store.d_enc != config.model.modalities[name].d_enc:
-            raise ValueError(
-                f"{store.root}: d_enc {store.d_enc} != the model's {config.model.modalities[name].d_enc}"
-            )
-    return stores
-
-
 def make_windows(config: TrainConfig, split: str, sampling: str, seed: int) -> TrainWindows:
     d = config.data
     mods = {n: d.modalities[n] for n in config.model.modalities}
     return TrainWindows(
-        TimelineStore(d.timelines, split), config.model.block_size, open_modality_stores(config),
+        TimelineStore(d.timelines, split), config.model.block_size, modality_stores(config),
         {n: m.k_max for n, m in mods.items()}, max_tokens={n: m.max_tokens for n, m in mods.items()},
         sampling=sampling, stride=d.stride, seed=seed, pad_to_block=config.run.compile,
     )  # fmt: skip
 
 
-def init_from(model: MultimodalGPT, source: str, vocab_sha256: str) -> list[str]:
+def init_from(model: GPT, source: str, vocab_sha256: str) -> list[str]:
     """Copy every weight of checkpoint `source` that the model has (same name and shape); the decoder must
     be complete and the vocabularies identical. Returns the names copied."""
     directory = resolve_checkpoint(source, "auto")
@@ -316,18 +111,10 @@ def init_from(model: MultimodalGPT, source: str, vocab_sha256: str) -> list[str]
     return sorted(weights)
 
 
-def freeze_decoder(model: MultimodalGPT) -> None:
+def freeze_decoder(model: GPT) -> None:
     """Only compression and cross-attention train: the decoder (embeddings, blocks, head) is frozen."""
     for p in [*model.transformer.parameters(), *model.lm_head.parameters()]:
         p.requires_grad_(False)
-
-
-def batch_flops(model: MultimodalGPT, batch: Batch) -> float:
-    """Training FLOPs (3 x forward matmuls) of one micro-batch: its rows at its length, with the events it
-    actually carries (present events per row, encoder tokens per event)."""
-    B, T = batch.tokens.shape
-    events = {name: (float(m.event_mask.sum()) / B, m.emb.shape[2]) for name, m in batch.modalities.items()}
-    return 3.0 * sum(model.estimate_flops(T, events).values()) * B
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,7 +147,7 @@ class Trainer:
         self.vocab_sha256 = sha256_file(self.vocab_path)
 
         torch.manual_seed(r.seed)
-        self.raw = MultimodalGPT(config.model)
+        self.raw = GPT(config.model)
         self.initialised_from: list[str] = []  # names of the tensors copied from train.init_from
         if config.train.init_from:
             self.initialised_from = init_from(self.raw, config.train.init_from, self.vocab_sha256)
@@ -386,7 +173,7 @@ class Trainer:
         self.module = model
         if self.dist.enabled:
             # Rows without visible media skip the cross-attention, so parameters may go unused in a step.
-            find_unused = bool(self.raw.xattn)
+            find_unused = self.raw.fusion is not None
             model = torch.nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=[self.dist.local_rank] if use_cuda else None,
@@ -476,7 +263,7 @@ class Trainer:
         total, tokens, flops = torch.zeros((), device=self.device), 0, 0.0
         for j, m in enumerate(micro):
             batch: Batch = next(batches)
-            tokens, flops = tokens + batch.n_tokens, flops + batch_flops(self.raw, batch)
+            tokens, flops = tokens + batch.n_tokens, flops + batch_train_flops(self.raw, batch)
             batch = batch.to(self.device, non_blocking=True)
             torch.manual_seed(micro_seed(self.config.run.seed, self.step, m))
             # Without unused-parameter search, skip the gradient all-reduce until the last micro-batch.
@@ -647,7 +434,7 @@ class Trainer:
             "model_flops_per_s": flops_per_s,
             "mfu": flops_per_s / (r.peak_tflops * 1e12) if r.peak_tflops > 0 else None,
             "gates": self.raw.gate_values(),
-            "parameters": self.raw.parameter_counts(),
+            "parameters": parameter_counts(self.raw),
             "trainable_parameters": sum(p.numel() for p in self.trainable),
             "initialised_from": self.config.train.init_from or None,
             "initialised_tensors": len(self.initialised_from),

@@ -26,54 +26,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from mmehr.batch import Batch, ModalityInputs
 from mmehr.data.timelines import TimelineStore
 from mmehr.modalities.store import EmbeddingStore
-from mmehr.model.fusion import ModalityInputs
 
 NEVER = np.iinfo(np.int64).max  # a retrieval time after every event (unsafe_ignore_event_time)
-
-
-@dataclass
-class Batch:
-    """One model batch (docs/interfaces.md), right-padded with pad_id.
-
-    tokens, targets (B, T) int64; times (B, T) int64 µs (padding carries the last real time); loss_mask
-    (B, T) bool, True where the next-token target counts; lengths (B,) real tokens per row; prefix (B,)
-    static-context tokens at the start of each row (they survive a KV-cache slide); subject_ids (B,);
-    modalities: name -> ModalityInputs (emb (B, K_m, N, d_enc) float16).
-    """
-
-    tokens: Tensor
-    times: Tensor
-    targets: Tensor
-    loss_mask: Tensor
-    lengths: Tensor
-    prefix: Tensor
-    subject_ids: Tensor
-    modalities: dict[str, ModalityInputs] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def n_tokens(self) -> int:
-        """Real (non-padding) input tokens."""
-        return int(self.lengths.sum())
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        moved = (
-            t.to(device, non_blocking=non_blocking)
-            for t in (self.tokens, self.times, self.targets, self.loss_mask)
-        )
-        mods = {name: m.to(device) for name, m in self.modalities.items()}
-        return Batch(*moved, self.lengths, self.prefix, self.subject_ids, mods)
 
 
 def _k_for(k_max: int | Mapping[str, int], name: str) -> int:

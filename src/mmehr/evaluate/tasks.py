@@ -26,9 +26,9 @@ import numpy as np
 import polars as pl
 
 from mmehr.config import from_dict, load_yaml
+from mmehr.units import DAY_US
 
 TASKS_DIR = Path(__file__).resolve().parents[3] / "configs" / "tasks"
-DAY_US = 86_400_000_000
 
 
 @dataclass

@@ -5,10 +5,11 @@ tokens (..., n_out, D) with mask (..., n_out), for any leading dims (e.g. (B, K_
 
 - `none`   project each encoder token d_enc -> D: n_out = N, the mask passes through.
 - `mean`   masked mean over the N tokens (padding ignored), then project: n_out = 1.
-- `latent` Perceiver resampler: k learned latents (randomly initialised) refined by l layers of
-           attention to concat(media tokens, latents) plus a feed-forward, residual, final LayerNorm:
-           n_out = k. The media keys/values are computed once per event and shared by the l layers.
-           Cost linear in N, and the decoder then cross-attends to k tokens per event, not N.
+- `latent` Perceiver resampler: n_latents learned latents (the paper's k; randomly initialised) refined
+           by n_latent_layers (the paper's l) layers of attention to concat(media tokens, latents) plus a
+           feed-forward, residual, final LayerNorm: n_out = n_latents. The media keys/values are computed
+           once per event and shared by the layers. Cost linear in N, and the decoder then cross-attends
+           to n_latents tokens per event, not N.
 
 Every output ends with a LayerNorm, so the cross-attention sees media on one scale whatever the mode.
 Padded encoder tokens must be finite (zeros): they are masked, never read as values.
@@ -22,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mmehr.model.decoder import MLP, ModalityConfig
+from mmehr.model.config import ModalityConfig
+from mmehr.model.decoder import MLP
 
 
 class NoCompression(nn.Module):
@@ -71,7 +73,7 @@ class MeanPool(nn.Module):
 
 
 class PerceiverAttention(nn.Module):
-    """Latents (E, k, D) attend to concat(media, latents): media keys/values (E, nh, N, hs) are given
+    """Latents (E, n_latents, D) attend to concat(media, latents): media keys/values (E, nh, N, hs) are given
     (computed once per event, shared by every layer), the latents' own are computed here. Padded media
     tokens are masked; the latents are always visible, so no row is ever fully masked."""
 
@@ -84,34 +86,38 @@ class PerceiverAttention(nn.Module):
         self.n_head = n_head
 
     def forward(self, latents: Tensor, media_kv: tuple[Tensor, Tensor], media_mask: Tensor) -> Tensor:
-        E, k, D = latents.shape
+        E, n_latents, D = latents.shape
         nh, hs = self.n_head, D // self.n_head
         lat = self.ln(latents)
-        q = self.q(lat).view(E, k, nh, hs).transpose(1, 2) / math.sqrt(hs)  # (E, nh, k, hs)
-        lat_k, lat_v = self.kv(lat).view(E, k, 2, nh, hs).permute(2, 0, 3, 1, 4)  # each (E, nh, k, hs)
+        q = self.q(lat).view(E, n_latents, nh, hs).transpose(1, 2) / math.sqrt(hs)  # (E, nh, n_latents, hs)
+        lat_k, lat_v = (
+            self.kv(lat).view(E, n_latents, 2, nh, hs).permute(2, 0, 3, 1, 4)
+        )  # (E, nh, n_latents, hs)
         media_k, media_v = media_kv  # each (E, nh, N, hs)
-        # Only k queries: explicit attention over [media, latents] without copying the N media keys/values.
+        # Few queries: explicit attention over [media, latents] without copying the N media keys/values.
         scores_media = (q @ media_k.transpose(-1, -2)).masked_fill(
             ~media_mask[:, None, None, :], float("-inf")
         )
-        scores = torch.cat([scores_media, q @ lat_k.transpose(-1, -2)], dim=-1)  # (E, nh, k, N + k)
+        scores = torch.cat(
+            [scores_media, q @ lat_k.transpose(-1, -2)], dim=-1
+        )  # (E, nh, n_latents, N + n_latents)
         p = scores.softmax(dim=-1)  # never a fully masked row: the latents are always there
         N = media_k.shape[2]
-        y = p[..., :N] @ media_v + p[..., N:] @ lat_v  # (E, nh, k, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(E, k, D))
+        y = p[..., :N] @ media_v + p[..., N:] @ lat_v  # (E, nh, n_latents, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(E, n_latents, D))
 
 
 class PerceiverResampler(nn.Module):
-    """(..., N, d_enc) encoder tokens -> (..., k, D) latents, after l Perceiver layers.
+    """(..., N, d_enc) encoder tokens -> (..., n_latents, D) latents, after n_latent_layers Perceiver layers.
 
     The media are projected to D, normalised and turned into keys/values ONCE per event; every layer
     attends to those plus its own keys/values of the latents. So the cost is O(N d_enc D + N D^2) for the
-    media plus O(l N k D) for attention, not O(l N D^2) (per-layer media projections, as in Flamingo,
-    made `latent` cost about as much as `none` at N = 2048 in this project's benchmark).
+    media plus O(n_latent_layers N n_latents D) for attention, not O(n_latent_layers N D^2) as with
+    Flamingo's per-layer media projections (see docs/architecture.md for the measured difference).
     """
 
     def __init__(
-        self, d_enc: int, n_embd: int, n_head: int, n_latents: int, n_layers: int, bias: bool = True
+        self, d_enc: int, n_embd: int, n_head: int, n_latents: int, n_latent_layers: int, bias: bool = True
     ):
         super().__init__()
         self.proj = nn.Linear(d_enc, n_embd, bias=bias)
@@ -119,7 +125,7 @@ class PerceiverResampler(nn.Module):
         self.media_kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
         # Random noise at the scale of the decoder's embeddings (GPT-2: std 0.02), so that at init the
         # latents' residual stream is not dominated by the query vectors and does depend on the media.
-        self.latents = nn.Parameter(0.02 * torch.randn(n_latents, n_embd))
+        self.latents = nn.Parameter(0.02 * torch.randn(n_latents, n_embd))  # (n_latents, D)
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -127,7 +133,7 @@ class PerceiverResampler(nn.Module):
                     nn.Sequential(nn.LayerNorm(n_embd, bias=bias), MLP(n_embd, 4, bias, 0.0)),
                 ]
             )
-            for _ in range(n_layers)
+            for _ in range(n_latent_layers)
         )
         self.ln = nn.LayerNorm(n_embd, bias=bias)
         self.n_head = n_head
@@ -136,9 +142,9 @@ class PerceiverResampler(nn.Module):
         return self.latents.shape[0]
 
     def flops(self, n_tokens: int) -> float:
-        """Linear in N: the media's projection and keys/values once, then l layers over k latents."""
-        (k, D), N = self.latents.shape, n_tokens
-        per_layer = 2 * k * D * D + 4 * k * D * D + 4 * k * (N + k) * D + 2 * k * D * D + 16 * k * D * D
+        """Linear in N: the media's projection and keys/values once, then the layers over the latents."""
+        (n_latents, D), N = self.latents.shape, n_tokens
+        per_layer = 24 * n_latents * D * D + 4 * n_latents * (N + n_latents) * D  # q, kv, proj, MLP; scores
         return 2.0 * N * self.proj.in_features * D + 4.0 * N * D * D + len(self.layers) * per_layer
 
     def forward(self, emb: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,13 +154,13 @@ class PerceiverResampler(nn.Module):
         kv = self.media_kv(media).view(E, N, 2, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
         media_kv = (kv[0].contiguous(), kv[1].contiguous())  # each (E, nh, N, hs), shared by every layer
         mask = token_mask.reshape(-1, N)
-        x = self.latents.expand(E, -1, -1)  # (E, k, D)
+        x = self.latents.expand(E, -1, -1)  # (E, n_latents, D)
         for attn, ff in self.layers:
             x = x + attn(x, media_kv, mask)
             x = x + ff(x)
         x = self.ln(x)
-        k = x.shape[1]
-        return x.view(*lead, k, D), torch.ones(*lead, k, dtype=torch.bool, device=x.device)
+        n_latents = x.shape[1]
+        return x.view(*lead, n_latents, D), torch.ones(*lead, n_latents, dtype=torch.bool, device=x.device)
 
 
 def build_compressor(m: ModalityConfig, n_embd: int, n_head: int, bias: bool = True) -> nn.Module:

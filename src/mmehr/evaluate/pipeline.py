@@ -1,0 +1,234 @@
+"""`evaluate`: every task of an evaluation, each on its split (and the tuning split for the threshold),
+with and without knocked-out modalities, into one output directory:
+
+    OUT/<task>/predictions.parquet  MEDS prediction schema (meds-evaluation's PredictionSchema); the
+                                    predicted value uses the threshold chosen on the tuning split
+    OUT/<task>/labels.parquet       MEDS label table (true labels read off the real timelines)
+    OUT/<task>/rollouts.parquet     one row per rollout: stop reason, tokens generated, simulated time
+    OUT/<task>/metrics.json         bootstrap CIs over subjects, stop-reason shares, cohorts, knock-outs
+    OUT/<task>/curves.png           ROC, precision-recall and calibration
+    OUT/<task>/tuning/              the tuning split's evaluation (the threshold's source)
+    OUT/<task>/without_<m>/         with --knockout: the same checkpoint with modality m hidden
+    OUT/<task>/chunks/              finished chunks of rollouts: the unit of resume (Ctrl-C, SIGTERM)
+    OUT/thresholds.json, OUT/summary.md, OUT/manifest.json (written last)
+
+Contexts are built by `mmehr.data.windows.assemble`, exactly as training windows. Under torchrun each
+rank samples its chunks (`mmehr.evaluate.runner`) and rank 0 merges and scores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from mmehr.config import to_dict
+from mmehr.data.timelines import TimelineStore
+from mmehr.distributed import Distributed
+from mmehr.evaluate.metrics import (
+    bootstrap_metrics,
+    choose_threshold,
+    paired_auroc_difference,
+    plot_task_curves,
+)
+from mmehr.evaluate.runner import EvalData, Unit, merge_unit, run_unit, write_predictions
+from mmehr.evaluate.sampler import SamplerSettings
+from mmehr.evaluate.scoring import (
+    EvalOptions,
+    clean_json,
+    cohort_members,
+    fixed_threshold,
+    summary_markdown,
+    unit_summary,
+)
+from mmehr.evaluate.tasks import TaskConfig
+from mmehr.io import MANIFEST, atomic_path, write_json
+from mmehr.model.gpt import GPT
+
+
+def evaluate_task(
+    model: GPT,
+    task: TaskConfig,
+    data: EvalData,
+    settings: SamplerSettings,
+    out: Path,
+    options: EvalOptions,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    fingerprint_extra: dict | None = None,
+) -> dict | None:
+    """Evaluate one task into `out/<task>/`; returns its metrics.json content (None on ranks > 0)."""
+    base = out / task.name
+    variants = [tuple(options.hidden)] + [(*tuple(options.hidden), m) for m in options.knockout]
+    units: dict[tuple, Unit] = {}
+    for hidden in variants:
+        d = base if hidden == variants[0] else base / f"without_{hidden[-1]}"
+        units[hidden, options.split] = Unit(task, options.split, hidden, d)
+        if options.threshold_from == "tuning" and options.split != "tuning":
+            units[hidden, "tuning"] = Unit(task, "tuning", hidden, d / "tuning")
+    samples = {
+        key: run_unit(
+            model,
+            u,
+            data,
+            settings,
+            max_samples=options.tuning_samples  # the threshold's tuning unit, beside the evaluated split
+            if key[1] != options.split and options.tuning_samples
+            else options.max_samples,
+            device=device,
+            progress=progress,
+            fingerprint_extra=fingerprint_extra,
+            unsafe_leak=options.unsafe_leak,
+        )
+        for key, u in units.items()
+    }
+    d = Distributed.from_env()
+    d.barrier()
+    if not d.main:
+        return None
+    if samples[variants[0], options.split].height == 0:
+        raise ValueError(f"task {task.name}: no samples in split {options.split!r} of {data.timelines}")
+    scored = {key: merge_unit(u, samples[key], settings) for key, u in units.items()}
+    rollouts = {key: pl.read_parquet(u.directory / "rollouts.parquet") for key, u in units.items()}
+    results: dict[tuple, dict] = {}
+    for hidden in variants:
+        main = scored[hidden, options.split]
+        if options.threshold_from == "tuning":
+            tuning = scored[hidden, "tuning"]  # the main unit itself when evaluating the tuning split
+            threshold = choose_threshold(
+                tuning["boolean_value"].to_numpy(), tuning["predicted_boolean_probability"].to_numpy()
+            )
+        else:
+            threshold = fixed_threshold(options.threshold_from, task.name)
+        for split in {options.split, "tuning"} & {s for h, s in units if h == hidden}:
+            write_predictions(
+                units[hidden, split].directory / "predictions.parquet", scored[hidden, split], threshold
+            )
+        result = unit_summary(main, rollouts[hidden, options.split], threshold, options.n_boot)
+        result["threshold"] = {"value": threshold, "source": options.threshold_from}
+        if (hidden, "tuning") in units and options.split != "tuning":
+            t = unit_summary(scored[hidden, "tuning"], rollouts[hidden, "tuning"], threshold, 0)
+            result["tuning"] = {k: t[k] for k in ("n_samples", "n_positive", "prevalence", "stop_reasons")}
+        results[hidden] = result
+
+    full = results[variants[0]]
+    main = scored[variants[0], options.split]
+    y = main["boolean_value"].to_numpy()
+    p = main["predicted_boolean_probability"].to_numpy()
+    groups = main["subject_id"].to_numpy()
+    store = TimelineStore(data.timelines, options.split)
+    full["cohorts"] = {}
+    for name, pattern in options.cohorts.items():
+        m = cohort_members(main, store, pattern)
+        full["cohorts"][name] = {
+            "pattern": pattern,
+            "n_samples": int(m.sum()),
+            "n_positive": int(y[m].sum()),
+            "metrics": bootstrap_metrics(
+                y[m], p[m], groups=groups[m], threshold=full["threshold"]["value"], n_boot=options.n_boot
+            )
+            if m.any()
+            else None,
+        }
+    full["knockout"] = {}
+    curves = [("model" if not options.hidden else f"without {'+'.join(options.hidden)}", y, p)]
+    for hidden in variants[1:]:
+        q = scored[hidden, options.split]["predicted_boolean_probability"].to_numpy()
+        full["knockout"][hidden[-1]] = {
+            "metrics": results[hidden]["metrics"],
+            "stop_reasons": results[hidden]["stop_reasons"],
+            "threshold": results[hidden]["threshold"],
+            "auroc_difference": paired_auroc_difference(y, p, q, groups=groups, n_boot=options.n_boot),
+        }
+        curves.append((f"without {hidden[-1]}", y, q))
+    full = {"task": task.name, "split": options.split, "hidden_modalities": list(options.hidden), **full}
+    with atomic_path(base / "curves.png") as tmp:
+        plot_task_curves(
+            curves,
+            f"{task.name} ({options.split}, n={len(y)}, {int(y.sum())} positive)",
+            tmp.with_suffix(".png"),
+        )
+        tmp.with_suffix(".png").rename(tmp)
+    write_json(base / "metrics.json", clean_json(full))
+    return full
+
+
+def evaluate(
+    model: GPT,
+    tasks: list[TaskConfig],
+    data: EvalData,
+    settings: SamplerSettings,
+    out: str | Path,
+    options: EvalOptions | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    header: dict | None = None,
+) -> dict[str, dict]:
+    """Evaluate `tasks` into `out` (see `mmehr evaluate --help`); returns {task: metrics} on rank 0.
+
+    Finished chunks of an earlier, interrupted run with the same settings are reused. The manifest is
+    removed at the start and written last, so `out` is trusted only once every task is done.
+    """
+    options = options or EvalOptions()
+    out = Path(out)
+    d = Distributed.from_env()
+    rank, world = d.rank, d.world_size
+    if rank == 0 and (out / MANIFEST).is_file():
+        (out / MANIFEST).unlink()
+    header = {"checkpoint": "(in memory)", **(header or {})}
+    extra = {"checkpoint": header["checkpoint"], "unsafe_leak": options.unsafe_leak}
+    t0 = time.perf_counter()
+    results = {}
+    for task in tasks:
+        r = evaluate_task(
+            model,
+            task,
+            data,
+            settings,
+            out,
+            options,
+            device=device,
+            progress=progress,
+            fingerprint_extra=extra,
+        )
+        if r is not None:
+            results[task.name] = r
+    if rank != 0:
+        return {}
+    seconds = time.perf_counter() - t0
+    write_json(out / "thresholds.json", {name: r["threshold"]["value"] for name, r in results.items()})
+    header = {
+        **header,
+        "split": options.split,
+        "rollouts per sample": settings.n_rollouts,
+        "temperature": settings.temperature,
+        "max new tokens": settings.max_new_tokens,
+        "context tokens": data.context_tokens,
+        "hidden modalities": ", ".join(options.hidden) or "none",
+        "threshold from": options.threshold_from,
+    }
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(results, header))
+    write_json(
+        out / MANIFEST,
+        {
+            "stage": "evaluate",
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "checkpoint": header["checkpoint"],
+            "tasks": list(results),
+            "split": options.split,
+            "sampler": to_dict(settings),
+            "context_tokens": data.context_tokens,
+            "hidden_modalities": list(options.hidden),
+            "knockout": list(options.knockout),
+            "threshold_from": options.threshold_from,
+            "processes": world,
+            "seconds": round(seconds, 3),
+        },
+    )
+    return results

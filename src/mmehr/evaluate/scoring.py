@@ -1,0 +1,162 @@
+"""Scoring evaluated units: thresholds, bootstrap metrics, stop reasons, cohorts, and the run's summary.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from mmehr.data.timelines import TimelineStore
+from mmehr.evaluate.metrics import bootstrap_metrics
+from mmehr.evaluate.sampler import CAP_WARNING, STOP_REASONS
+from mmehr.io import read_json
+from mmehr.units import DAY_US
+
+# Cohorts by codes in the history before the prediction time (ICD-9 and ICD-10 diagnosis tokens): where
+# the paper expects ECG (arrhythmia / ischaemia) and CXR (pulmonary) to matter most.
+DEFAULT_COHORTS = {
+    "cardiac": r"^DIAGNOSIS//ICD//(9//(41[0-4]|427)|10//I(2[0-5]|4[7-9]))",
+    "pulmonary": r"^DIAGNOSIS//ICD//(9//(4[6-9]\d|5[01]\d)|10//J)",
+}
+
+
+def cohort_members(samples: pl.DataFrame, store: TimelineStore, pattern: str) -> np.ndarray:
+    """(n,) bool: samples whose timeline before the context end holds a token matching `pattern`."""
+    ids = np.zeros(len(store.vocab), dtype=bool)
+    ids[store.vocab.ids_matching(pattern)] = True
+    out = np.zeros(samples.height, dtype=bool)
+    for j, (i, end) in enumerate(zip(samples["subject_index"].to_list(), samples["context_end"].to_list())):
+        tokens, _ = store.timeline(int(i))
+        out[j] = bool(ids[np.asarray(tokens[:end])].any())
+    return out
+
+
+def stop_reason_fractions(rollouts: pl.DataFrame) -> dict[str, float]:
+    """Share of rollouts that ended by each reason (outcome, stop, timeline_end, time_limit, cap)."""
+    n = max(rollouts.height, 1)
+    counts = dict(rollouts.group_by("stop_reason").len().iter_rows())
+    return {r: counts.get(r, 0) / n for r in STOP_REASONS}
+
+
+def clean_json(obj):
+    """NaN -> None, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def unit_summary(scored: pl.DataFrame, rollouts: pl.DataFrame, threshold: float, n_boot: int) -> dict:
+    """Bootstrap metrics (subjects resampled) and rollout statistics of one scored unit."""
+    y = scored["boolean_value"].to_numpy()
+    p = scored["predicted_boolean_probability"].to_numpy()
+    n_tok = rollouts["n_tokens"].to_numpy()
+    return {
+        "n_samples": scored.height,
+        "n_subjects": scored["subject_id"].n_unique(),
+        "n_positive": int(y.sum()),
+        "prevalence": float(y.mean()) if y.size else float("nan"),
+        "metrics": bootstrap_metrics(
+            y, p, groups=scored["subject_id"].to_numpy(), threshold=threshold, n_boot=n_boot
+        ),
+        "stop_reasons": stop_reason_fractions(rollouts),
+        "rollouts": {
+            "n": rollouts.height,
+            "mean_tokens": float(n_tok.mean()) if n_tok.size else 0.0,
+            "mean_elapsed_days": float(rollouts["elapsed_us"].mean() or 0.0) / DAY_US,
+        },
+    }
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate besides the sampler: the split, the threshold's source, hidden modalities,
+    knock-outs (each also hidden in turn), cohorts (name -> token regex), bootstrap draws."""
+
+    split: str = "held_out"
+    max_samples: int | None = None
+    threshold_from: str = "tuning"  # "tuning", "none" (0.5), or a JSON file {task: threshold}
+    tuning_samples: int | None = None  # cap on the tuning split's samples (default: max_samples)
+    hidden: tuple[str, ...] = ()
+    knockout: tuple[str, ...] = ()
+    cohorts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COHORTS))
+    n_boot: int = 1000
+    unsafe_leak: bool = False
+
+
+def fixed_threshold(source: str, task: str) -> float:
+    if source == "none":
+        return 0.5
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"--threshold-from {source}: not 'tuning', 'none', or an existing JSON file")
+    data = read_json(path)
+    value = data if isinstance(data, int | float) else data.get(task) if isinstance(data, dict) else None
+    if not isinstance(value, int | float):
+        raise ValueError(f"{path}: no threshold for task {task!r} (expected a number or {{task: number}})")
+    return float(value)
+
+
+def format_ci(m: dict | None, key: str) -> str:
+    if not m or m.get(key) is None or m[key]["value"] is None or not np.isfinite(m[key]["value"]):
+        return "n/a"
+    v = m[key]
+    lo, hi = v.get("lo"), v.get("hi")
+    ci = (
+        f" [{lo:.3f}, {hi:.3f}]"
+        if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        else ""
+    )
+    return f"{v['value']:.3f}{ci}"
+
+
+def summary_markdown(results: dict[str, dict], header: dict) -> str:
+    """The run's summary.md: one row per task, then stop reasons, cohorts and knock-outs."""
+    lines = [f"# mmehr evaluate: {header['checkpoint']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "checkpoint"]
+    lines += ["", "## Metrics (95% bootstrap CI over subjects; F1 at the threshold chosen on tuning)", ""]
+    cols = ("auroc", "auprc", "f1_macro", "f1_pos", "brier", "ece")
+    lines.append("| task | n | positive | threshold | " + " | ".join(cols) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(cols))
+    for name, r in results.items():
+        cells = " | ".join(format_ci(r["metrics"], c) for c in cols)
+        lines.append(
+            f"| {name} | {r['n_samples']} | {r['n_positive']} | {r['threshold']['value']:.3f} | {cells} |"
+        )
+    lines += ["", "## How rollouts ended (share of rollouts)", ""]
+    lines.append("| task | " + " | ".join(STOP_REASONS) + " | mean tokens | mean simulated days |")
+    lines.append("|---|" + "---|" * (len(STOP_REASONS) + 2))
+    for name, r in results.items():
+        fr = " | ".join(f"{r['stop_reasons'][s]:.1%}" for s in STOP_REASONS)
+        lines.append(
+            f"| {name} | {fr} | {r['rollouts']['mean_tokens']:.1f} | {r['rollouts']['mean_elapsed_days']:.2f} |"
+        )
+    capped = [name for name, r in results.items() if r["stop_reasons"]["cap"] > CAP_WARNING]
+    if capped:
+        lines += [
+            "",
+            f"Warning: over {CAP_WARNING:.0%} of the rollouts of {', '.join(capped)} hit the token cap and "
+            "count as negative: raise --max-new-tokens.",
+        ]
+    if any(r["cohorts"] for r in results.values()):
+        lines += ["", "## Cohorts (codes in the history before the prediction time)", ""]
+        lines += ["| task | cohort | n | positive | AUROC | AUPRC |", "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            for cohort, c in r["cohorts"].items():
+                row = f"| {name} | {cohort} | {c['n_samples']} | {c['n_positive']} | {format_ci(c['metrics'], 'auroc')} |"
+                lines.append(f"{row} {format_ci(c['metrics'], 'auprc')} |")
+    if any(r["knockout"] for r in results.values()):
+        lines += ["", "## Modality knock-out (the same checkpoint with one modality hidden)", ""]
+        lines += ["| task | hidden | AUROC | AUROC(full) - AUROC(hidden) |", "|---|---|---|---|"]
+        for name, r in results.items():
+            for m, k in r["knockout"].items():
+                d = k["auroc_difference"]
+                lines.append(
+                    f"| {name} | {m} | {format_ci(k['metrics'], 'auroc')} | {format_ci({'d': d}, 'd')} |"
+                )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""The model's configuration: the GPT decoder's sizes, and the multimodal fusion beside it.
+
+In a run config (YAML) these are the `model:` section and its `fusion:` subsection:
+
+    model:
+      n_layer: 2, n_head: 4, n_embd: 128, block_size: 256, ...      # DecoderConfig
+      fusion:                                                        # FusionConfig (empty: EHR-only)
+        xattn_every: 2
+        modalities:
+          note: {compression: latent, n_latents: 8, n_latent_layers: 1}   # ModalityConfig (d_enc: filled)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+COMPRESSIONS = ("none", "mean", "latent")
+
+
+@dataclass
+class ModalityConfig:
+    """One enabled modality: its frozen encoder's width and how each of its events is compressed.
+
+    compression: `none` keeps all N encoder tokens (projected to n_embd), `mean` pools them into one token,
+    `latent` resamples them into `n_latents` tokens (the paper's k) with `n_latent_layers` (the paper's l)
+    Perceiver layers. d_enc is filled from the modality's embedding store.
+    """
+
+    d_enc: int
+    compression: Literal["none", "mean", "latent"] = "latent"
+    n_latents: int = 8
+    n_latent_layers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be none|mean|latent, got {self.compression!r}")
+        if self.d_enc < 1 or self.n_latents < 1 or self.n_latent_layers < 1:
+            raise ValueError("d_enc, n_latents and n_latent_layers must be >= 1")
+
+
+@dataclass
+class FusionConfig:
+    """How modality events reach the decoder (all unused when `modalities` is empty: EHR-only).
+
+    xattn_every: a gated cross-attention block sits before decoder layer i when (i + 1) % xattn_every == 0
+    (2: before layers 1, 3, 5 of 6). xattn_ff_mult: width multiplier of the block's own feed-forward.
+    gate: `sigmoid` (the paper: g = sigmoid(beta), beta starting at `gate_init`) or `tanh` (Flamingo:
+    g = tanh(alpha), alpha starting at 0, an exact identity at init; `gate_init` is then ignored). Each
+    block has two gates, attention and feed-forward. gate_lr_scale: learning-rate multiplier of the gate
+    scalars. modality_dropout: at train time, drop each available event with this probability.
+    modality_embedding: add a learned vector per modality to its compressed tokens. time_bias: a learned
+    per-head cross-attention bias on log-spaced buckets of an event's age at each query token.
+    """
+
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
+    xattn_every: int = 2
+    xattn_ff_mult: int = 4
+    gate: Literal["sigmoid", "tanh"] = "sigmoid"
+    gate_init: float = -4.0
+    gate_lr_scale: float = 30.0
+    modality_dropout: float = 0.0
+    modality_embedding: bool = True
+    time_bias: bool = False
+
+    def __post_init__(self) -> None:
+        for name, m in self.modalities.items():
+            if isinstance(m, dict):  # built in code from plain mappings
+                self.modalities[name] = ModalityConfig(**m)
+        if self.xattn_every < 1 or self.xattn_ff_mult < 1:
+            raise ValueError("xattn_every and xattn_ff_mult must be >= 1")
+        if self.gate not in ("sigmoid", "tanh"):
+            raise ValueError(f"gate must be 'sigmoid' or 'tanh', got {self.gate!r}")
+        if not 0.0 <= self.modality_dropout <= 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+
+    def xattn_layers(self, n_layer: int) -> list[int]:
+        """Decoder layers preceded by a gated cross-attention block (none without modalities)."""
+        if not self.modalities:
+            return []
+        return [i for i in range(n_layer) if (i + 1) % self.xattn_every == 0]
+
+
+@dataclass
+class DecoderConfig:
+    """The GPT-2 decoder (nanoGPT's GPTConfig): vocabulary, depth, heads, width, context, dropout."""
+
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 2048
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig(DecoderConfig):
+    """The whole model: the decoder's fields plus `fusion` (EHR-only when fusion.modalities is empty)."""
+
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.fusion, dict):
+            self.fusion = FusionConfig(**self.fusion)
+        if self.fusion.modalities and not self.xattn_layers:
+            raise ValueError(
+                f"fusion.xattn_every={self.fusion.xattn_every} > n_layer={self.n_layer}: no cross-attention "
+                "block would read the modalities"
+            )
+
+    @property
+    def modalities(self) -> dict[str, ModalityConfig]:
+        """The enabled modalities (fusion.modalities)."""
+        return self.fusion.modalities
+
+    @property
+    def xattn_layers(self) -> list[int]:
+        return self.fusion.xattn_layers(self.n_layer)

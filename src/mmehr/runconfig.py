@@ -1,0 +1,180 @@
+"""The run configuration: one YAML file describes one model (one row of the paper's tables).
+
+    data:   the timelines (`mmehr tokenize`), and per modality its embedding store (`mmehr encode`), k_max
+    model:  the decoder's sizes and `fusion` (compression, cross-attention, gates): `mmehr.model.config`
+    optim:  AdamW, schedule, batch
+    train:  what is trained (init_from, freeze_decoder)
+    run:    output, seed, device, logging, checkpoints
+
+`resolve_config` validates a raw mapping and fills what the data determines (absolute paths, vocab size,
+each modality's encoder width); `modality_stores` opens the stores a resolved config names. Training
+(`mmehr.train`) and evaluation (`mmehr.evaluate`) both read a run through this module, never each other.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmehr.config import ConfigError, apply_overrides, from_dict, load_yaml
+from mmehr.io import read_manifest
+from mmehr.modalities.store import EmbeddingStore
+from mmehr.model.config import ModelConfig
+
+
+@dataclass
+class ModalityData:
+    """One modality's events: the embedding store of one (modality, frozen encoder) and how many a window carries.
+
+    encoder: the encoder the store must have been made with ("" accepts any); max_tokens: truncate each
+    event to this many encoder tokens (None: the longest in the batch); enabled: false switches it off.
+    """
+
+    store: str
+    k_max: int = 4
+    max_tokens: int | None = None
+    encoder: str = ""
+    enabled: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the windows come from. val_split "" turns validation off."""
+
+    timelines: str = ""
+    train_split: str = "train"
+    val_split: str = "tuning"
+    sampling: Literal["random", "stride"] = "random"
+    stride: int = 0  # stride sampling: tokens between window starts (0: the window length)
+    modalities: dict[str, ModalityData] = field(default_factory=dict)
+    workers: int = 0  # DataLoader worker processes building batches (0: in the training process)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr at max_steps; grad_clip 0 turns clipping off."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    batch_size: int = 8  # windows per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step, all processes together
+
+
+@dataclass
+class TrainableConfig:
+    """What is trained. The frozen encoders never are (their outputs are stored). freeze_decoder trains only
+    compression + cross-attention (Flamingo-style), normally starting from an EHR-only run via init_from."""
+
+    init_from: str = ""  # a checkpoint, or a run directory (its best checkpoint, else its final one)
+    freeze_decoder: bool = False
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/train"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available
+    dtype: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU always computes in fp32
+    compile: bool = False
+    threads: int = 0  # torch threads per process (0: the cores this process may use / processes per node)
+    log_every: int = 10
+    eval_every: int = 200  # steps between validations (0: only at the end)
+    val_windows: int = 64
+    early_stop_patience: int = 0  # stop after this many validations without improvement (0: never)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    peak_tflops: float = 0.0  # the hardware's peak, for MFU in the summary (0: not reported)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainableConfig = field(default_factory=TrainableConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Validate a raw config and fill what the data determines: absolute paths, model.vocab_size from the
+    timelines' vocab, each enabled modality's d_enc from its store (only enabled modalities reach the model:
+    model.fusion.modalities holds exactly the data.modalities that are enabled)."""
+    raw = copy.deepcopy(raw)
+    data, model = raw.setdefault("data", {}), raw.setdefault("model", {})
+    if not data.get("timelines"):
+        raise ConfigError(f"{where}: data.timelines (a `mmehr tokenize` output directory) is required")
+    timelines = Path(data["timelines"]).resolve()
+    manifest = read_manifest(timelines)
+    data["timelines"] = str(timelines)
+    if model.setdefault("vocab_size", manifest["vocab_size"]) != manifest["vocab_size"]:
+        raise ConfigError(
+            f"{where}: model.vocab_size {model['vocab_size']} != {manifest['vocab_size']} of {timelines}"
+        )
+    fusion = model.setdefault("fusion", {})
+    if not isinstance(fusion, dict):
+        raise ConfigError(f"{where}: model.fusion must be a mapping")
+    model_mods = fusion.get("modalities") or {}
+    enabled = {}
+    for name, m in (data.get("modalities") or {}).items():
+        if not isinstance(m, dict) or "store" not in m:
+            raise ConfigError(
+                f"{where}: data.modalities.{name} needs a `store` (an embedding store directory)"
+            )
+        m["store"] = str(Path(m["store"]).resolve())
+        if str(m.get("enabled", True)).lower() in ("false", "0", "no"):
+            continue
+        store = read_manifest(m["store"])
+        if m.get("encoder") and m["encoder"] != store["encoder"]:
+            raise ConfigError(
+                f"{where}: data.modalities.{name}.encoder is {m['encoder']!r} but {m['store']} holds {store['encoder']!r}"
+            )
+        spec = dict(model_mods.get(name) or {})
+        if spec.setdefault("d_enc", store["d_enc"]) != store["d_enc"]:
+            raise ConfigError(
+                f"{where}: model.fusion.modalities.{name}.d_enc {spec['d_enc']} != {store['d_enc']} of {m['store']}"
+            )
+        enabled[name] = spec
+    extra = set(model_mods) - set(data.get("modalities") or {})
+    if extra:
+        raise ConfigError(
+            f"{where}: model.fusion.modalities {sorted(extra)} have no data.modalities entry (no store)"
+        )
+    fusion["modalities"] = enabled
+    if raw.get("train", {}).get("init_from"):
+        raw["train"]["init_from"] = str(Path(raw["train"]["init_from"]).resolve())
+    try:
+        config = from_dict(TrainConfig, raw, where)
+    except ValueError as e:  # ModelConfig's own checks
+        raise ConfigError(f"{where}: {e}") from e
+    o = config.optim
+    if o.batch_size < 1 or o.grad_accum < 1 or o.max_steps < 1 or o.warmup_steps < 0:
+        raise ConfigError(
+            f"{where}: optim.batch_size, grad_accum and max_steps must be >= 1, warmup_steps >= 0"
+        )
+    if config.train.freeze_decoder and not config.model.modalities:
+        raise ConfigError(f"{where}: train.freeze_decoder with no enabled modality leaves nothing to train")
+    return config
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    raw = load_yaml(path) if path is not None else {}
+    apply_overrides(raw, overrides or [])
+    return resolve_config(raw, str(path) if path else "config")
+
+
+def modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore]:
+    """The embedding store of every enabled modality, checked against the model's encoder width."""
+    stores = {}
+    for name, m in config.model.fusion.modalities.items():
+        store = stores[name] = EmbeddingStore(config.data.modalities[name].store)
+        if store.d_enc != m.d_enc:
+            raise ValueError(f"{store.root}: d_enc {store.d_enc} != the model's {m.d_enc}")
+    return stores
