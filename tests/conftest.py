@@ -25,7 +25,7 @@ def mimic_demo_root() -> Path:
 @pytest.fixture(scope="session")
 def demo_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The MIMIC-IV demo tokenized once per test session (vocab fitted on its train split)."""
-    from mmehr.data.timelines import tokenize
+    from mmehr.data.tokenize import tokenize
 
     out = tmp_path_factory.mktemp("demo_timelines") / "timelines"
     tokenize(mimic_demo_root, out)

@@ -18,9 +18,11 @@ import pytest
 
 from mmehr.cli import main
 from mmehr.data.meds import write_data_shard, write_metadata
-from mmehr.data.timelines import TimelineStore, tokenize
-from mmehr.data.tokenizer import INTERVAL_BINS, SIX_MONTHS_US, UNK, Normalizer, Tokenizer, load_preset
+from mmehr.data.timelines import TimelineStore
+from mmehr.data.tokenize import tokenize
+from mmehr.data.tokenizer import INTERVAL_BINS, UNK, Normalizer, Tokenizer, load_preset
 from mmehr.io import read_manifest
+from mmehr.units import SIX_MONTHS_US
 
 SPLITS = ("train", "tuning", "held_out")
 

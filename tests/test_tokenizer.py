@@ -14,12 +14,11 @@ import pytest
 
 from mmehr.config import ConfigError
 from mmehr.data.meds import open_meds, read_shard, write_data_shard, write_metadata
-from mmehr.data.timelines import tokenize
+from mmehr.data.tokenize import tokenize
 from mmehr.data.tokenizer import (
     EVENT_TOKENS,
     INTERVAL_BINS,
     INTERVAL_TOKENS,
-    SIX_MONTHS_US,
     Normalizer,
     Tokenizer,
     Vocab,
@@ -28,6 +27,7 @@ from mmehr.data.tokenizer import (
     needed_columns,
     static_columns,
 )
+from mmehr.units import SIX_MONTHS_US
 
 T0 = datetime(2150, 3, 1, 8, 0)
 MIN = timedelta(minutes=1)

@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mmehr.demo", "run every stage on the embedded data and write a report"),
     "synth": ("mmehr.data.synthetic", "write a synthetic multimodal MEDS cohort with planted ground truth"),
-    "tokenize": ("mmehr.data.timelines", "tokenize a MEDS dataset into memory-mapped timelines"),
+    "tokenize": ("mmehr.data.tokenize", "tokenize a MEDS dataset into memory-mapped timelines"),
     "index": ("mmehr.modalities.sources", "index ECG / CXR / note sources into modality events"),
     "encode": ("mmehr.modalities.store", "encode modality events once with a frozen encoder"),
     "train": ("mmehr.train", "train a model from a YAML config"),

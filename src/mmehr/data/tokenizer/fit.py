@@ -1,0 +1,215 @@
+"""Statistics fitted on the train split, shard by shard in bounded memory: code and static counts,
+decile edges per code (from a deterministic bottom-k sample of values), interval-bin means, and the
+vocabulary built from them."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from mmehr.data.meds import ShardRows
+from mmehr.data.tokenizer.normalize import Normalized, Normalizer
+from mmehr.data.tokenizer.presets import Preset
+from mmehr.data.tokenizer.tokens import (
+    AGE_DECADE,
+    AGE_YEAR,
+    EVENT_TOKENS,
+    INTERVAL_BINS,
+    INTERVAL_TOKENS,
+    MAX_AGE_DECADE,
+    PAD,
+    QUANTILES,
+    TIMELINE_END,
+    UNK,
+    UNK_SUFFIX,
+    _gap_pieces,
+)
+from mmehr.data.tokenizer.vocab import Vocab
+from mmehr.units import SIX_MONTHS_US
+
+
+def _values(rows: ShardRows, r: np.ndarray, from_text: np.ndarray) -> np.ndarray:
+    """float64 values of rows `r` (NaN = none): numeric_value, or the number in text_value where the
+    code's rule asks (`from_text`, per code) and numeric_value is null.
+    """
+    v = rows.numeric_value[r].astype(np.float64)
+    if "text_value" in rows.extra.column_names and from_text.any():
+        need = np.nonzero(from_text[rows.code_index[r]] & np.isnan(v))[0]
+        if len(need):
+            text = pl.from_arrow(rows.extra.column("text_value").take(pa.array(r[need])))
+            parsed = text.str.strip_chars().cast(pl.Float64, strict=False).fill_null(np.nan)
+            v[need] = parsed.to_numpy()
+    return v
+
+
+class _Fitter:
+    """Train statistics accumulated shard by shard: code and static counts, a bounded sample of values
+    per code, and interval sums. `add` keeps nothing per row once it returns."""
+
+    def __init__(self, preset: Preset, max_values_per_code: int):
+        self.preset, self.max_values_per_code = preset, max_values_per_code
+        self.normalizer = Normalizer(preset)
+        self.code_counts: dict[str, int] = {}
+        self.static_counts: dict[str, int] = {}
+        self.value_keys: dict[str, int] = {}  # value key -> its index in value_counts / samples
+        self.value_counts = np.zeros(0, dtype=np.int64)
+        self.samples: pl.DataFrame | None = None
+        self.gap_sum = np.zeros(len(INTERVAL_BINS))
+        self.gap_n = np.zeros(len(INTERVAL_BINS), dtype=np.int64)
+        self.n_rows = 0
+
+    def add(self, rows: ShardRows, sel: np.ndarray | None) -> None:
+        """Count one shard's rows; `sel` (bool, n) picks the train rows when the shard mixes splits."""
+        code_index = rows.code_index if sel is None else rows.code_index[sel]
+        self.n_rows += len(code_index)
+        norms = [self.normalizer.normalize(c) for c in rows.codes]
+        for code, norm, n in zip(rows.codes, norms, np.bincount(code_index, minlength=len(norms))):
+            if n == 0:  # in the shard's dictionary through other splits' rows only
+                continue
+            if norm.static_field >= 0:  # the static token is the code itself, e.g. GENDER//F
+                self.static_counts[code] = self.static_counts.get(code, 0) + int(n)
+            for tok in norm.tokens:
+                self.code_counts[tok] = self.code_counts.get(tok, 0) + int(n)
+        for sf in self.preset.static:
+            if sf.column and sf.column in rows.extra.column_names:
+                idx, values = rows.categories(sf.column)
+                idx = idx if sel is None else idx[sel]
+                for value, n in zip(values, np.bincount(idx[idx >= 0], minlength=len(values))):
+                    if n:
+                        tok = f"{sf.prefix}//{value}"
+                        self.static_counts[tok] = self.static_counts.get(tok, 0) + int(n)
+
+        kept = np.array([bool(n.tokens) for n in norms], dtype=bool)
+        on_timeline = rows.timed & kept[rows.code_index]
+        if sel is not None:
+            on_timeline &= sel
+        self._add_values(rows, on_timeline, norms)
+        self._add_gaps(rows.subject[on_timeline], rows.time[on_timeline])
+
+    def _add_values(self, rows: ShardRows, on_timeline: np.ndarray, norms: list[Normalized]) -> None:
+        keys = self.value_keys
+        vkey = np.array(
+            [keys.setdefault(n.value_key, len(keys)) if n.value_key else -1 for n in norms], np.int64
+        )
+        self.value_counts = np.pad(self.value_counts, (0, len(keys) - len(self.value_counts)))
+        r = np.flatnonzero(on_timeline & (vkey[rows.code_index] >= 0))
+        v = _values(rows, r, np.array([n.numeric_from_text for n in norms], dtype=bool))
+        r, v = r[np.isfinite(v)], v[np.isfinite(v)]
+        k = vkey[rows.code_index[r]]
+        self.value_counts += np.bincount(k, minlength=len(self.value_counts))
+        # hash the key's name, not its index: the index depends on the order codes were met
+        key_hash = np.array([_name_hash(name) for name in keys], dtype=np.int64)
+        h = _mix64(rows.subject[r], rows.time[r], key_hash[k], v)
+        new = pl.DataFrame({"k": k.astype(np.uint32), "v": v, "h": h})
+        self.samples = _bottom_k(
+            new if self.samples is None else pl.concat([self.samples, new]), self.max_values_per_code
+        )
+
+    def _add_gaps(self, subject: np.ndarray, time: np.ndarray) -> None:
+        dt = np.diff(time)
+        n_long, rem, bins = _gap_pieces(dt[(subject[1:] == subject[:-1]) & (dt > 0)])
+        self.gap_n[-1] += n_long.sum()
+        self.gap_sum[-1] += n_long.sum() * float(SIX_MONTHS_US)
+        ok = bins >= 0
+        self.gap_n += np.bincount(bins[ok], minlength=len(INTERVAL_BINS))
+        self.gap_sum += np.bincount(
+            bins[ok], weights=rem[ok].astype(np.float64), minlength=len(INTERVAL_BINS)
+        )
+
+    def stats(self, n_subjects: int, min_code_count: int) -> dict:
+        names = list(self.value_keys)
+        return {
+            "fitted_on": {"split": "train", "subjects": n_subjects, "rows": self.n_rows},
+            "min_code_count": min_code_count,
+            "max_values_per_code": self.max_values_per_code,
+            "code_counts": dict(sorted(self.code_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "static_counts": dict(sorted(self.static_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "value_counts": dict(sorted((names[i], int(n)) for i, n in enumerate(self.value_counts) if n)),
+            "value_edges": _deciles(self.samples, names, self.value_counts, min_code_count),
+            "intervals": _interval_stats(self.gap_sum, self.gap_n),
+        }
+
+
+def _mix64(*columns: np.ndarray) -> np.ndarray:
+    """A deterministic 64-bit hash per row of int/float columns (splitmix64 finaliser)."""
+    h = np.zeros(len(columns[0]), dtype=np.uint64)
+    for c in columns:
+        x = (
+            np.ascontiguousarray(c).view(np.uint64)
+            if c.dtype.itemsize == 8
+            else c.astype(np.int64).view(np.uint64)
+        )
+        h = (h ^ x) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(31)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _bottom_k(values: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Keep, per value key `k`, the rows with the smallest hash `h`: a uniform, mergeable sample."""
+    if values.is_empty() or values.group_by("k").len()["len"].max() <= k:
+        return values
+    return (
+        values.group_by("k").agg(pl.struct("v", "h").bottom_k_by("h", k).alias("s")).explode("s").unnest("s")
+    )
+
+
+def _deciles(
+    samples: pl.DataFrame | None, names: list[str], counts: np.ndarray, min_count: int
+) -> dict[str, list[float]]:
+    keep = [i for i, n in enumerate(counts) if n >= min_count]
+    if samples is None or not keep:
+        return {}
+    qs = [i / 10 for i in range(1, 10)]
+    edges = (
+        samples.filter(pl.col("k").is_in(keep))
+        .group_by("k")
+        .agg([pl.col("v").quantile(q, interpolation="linear").alias(f"e{i}") for i, q in enumerate(qs)])
+    )
+    out = {names[row[0]]: [float(x) for x in row[1:]] for row in edges.iter_rows()}
+    return dict(sorted(out.items()))
+
+
+def _interval_stats(gap_sum: np.ndarray, gap_n: np.ndarray) -> list[dict]:
+    out = []
+    for j, (_name, lo) in enumerate(INTERVAL_BINS):
+        hi = INTERVAL_BINS[j + 1][1] if j + 1 < len(INTERVAL_BINS) else SIX_MONTHS_US
+        fallback = (lo + hi) / 2 if j + 1 < len(INTERVAL_BINS) else float(SIX_MONTHS_US)
+        mean = gap_sum[j] / gap_n[j] if gap_n[j] else fallback
+        out.append(
+            {"token": INTERVAL_TOKENS[j], "lower_us": lo, "count": int(gap_n[j]), "mean_us": float(mean)}
+        )
+    return out
+
+
+def _build_vocab(preset: Preset, normalizer: Normalizer, stats: dict, min_count: int) -> Vocab:
+    itos = [PAD, UNK, TIMELINE_END]
+    kinds = ["special"] * 3
+    itos += QUANTILES
+    kinds += ["quantile"] * len(QUANTILES)
+    itos += INTERVAL_TOKENS
+    kinds += ["interval"] * len(INTERVAL_TOKENS)
+    static = [f"{AGE_DECADE}//{d}" for d in range(MAX_AGE_DECADE + 1)] + [f"{AGE_DECADE}{UNK_SUFFIX}"]
+    static += [f"{AGE_YEAR}//{y}" for y in range(10)] + [f"{AGE_YEAR}{UNK_SUFFIX}"]
+    static += [sf.prefix + UNK_SUFFIX for sf in preset.static]
+    static += [tok for tok, n in stats["static_counts"].items() if n >= min_count and tok not in static]
+    itos += static
+    kinds += ["static"] * len(static)
+    codes = list(EVENT_TOKENS) + [label + UNK_SUFFIX for label in normalizer.part_labels]
+    seen = set(itos) | set(codes)
+    codes += [tok for tok, n in stats["code_counts"].items() if n >= min_count and tok not in seen]
+    itos += codes
+    kinds += ["code"] * len(codes)
+    ids = {s: i for i, s in enumerate(itos)}
+    interval_mean = {ids[b["token"]]: b["mean_us"] for b in stats["intervals"]}
+    return Vocab(itos, kinds, interval_mean, [sf.field for sf in preset.static])
