@@ -14,7 +14,10 @@ import sys
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mmehr.demo", "run every stage on the embedded data and write a report"),
-    "synth": ("mmehr.data.synthetic", "write a synthetic multimodal MEDS cohort with planted ground truth"),
+    "synth": (
+        "mmehr.data.synthetic.cli",
+        "write a synthetic multimodal MEDS cohort with planted ground truth",
+    ),
     "tokenize": ("mmehr.data.tokenize", "tokenize a MEDS dataset into memory-mapped timelines"),
     "index": ("mmehr.modalities.sources", "index ECG / CXR / note sources into modality events"),
     "encode": ("mmehr.modalities.store", "encode modality events once with a frozen encoder"),
