@@ -25,8 +25,9 @@ from mmehr.config import ConfigError
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.windows import TrainWindows
 from mmehr.io import read_json, write_json
+from mmehr.modalities.encode import encode_events
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import EmbeddingStore, encode_events
+from mmehr.modalities.store import EmbeddingStore
 from mmehr.train import OptimConfig, lr_at, resolve_config, train
 
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mmehr.data.synthetic", "write a synthetic multimodal MEDS cohort with planted ground truth"),
     "tokenize": ("mmehr.data.timelines", "tokenize a MEDS dataset into memory-mapped timelines"),
     "index": ("mmehr.modalities.sources", "index ECG / CXR / note sources into modality events"),
-    "encode": ("mmehr.modalities.store", "encode modality events once with a frozen encoder"),
+    "encode": ("mmehr.modalities.encode", "encode modality events once with a frozen encoder"),
     "train": ("mmehr.train", "train a model from a YAML config"),
     "evaluate": ("mmehr.evaluate.rollout", "zero-shot evaluation of tasks by sampled rollouts"),
     "ablate": ("mmehr.experiments", "run an ablation grid and write the paper's tables"),
