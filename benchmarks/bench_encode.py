@@ -22,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer
 from mmehr.io import write_json
+from mmehr.modalities.encode import ShardWriter, encode_events, finalise_store
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import EmbeddingStore, ShardWriter, encode_events, finalise_store
+from mmehr.modalities.store import EmbeddingStore
 
 WORDS = [
     "patient",

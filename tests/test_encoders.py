@@ -11,6 +11,7 @@ import torch
 
 from mmehr.modalities import encoders as E
 from mmehr.modalities.encoders import MissingWeightsError, check_payload, get_encoder, list_encoders
+from mmehr.modalities.encoders.text import _minilm_dir
 
 # Tiny sizes for every pretrained architecture; geometry (segments, patches, image size) stays real
 # where it is cheap, so token counts are the real ones.
@@ -162,7 +163,7 @@ def test_constant_leads_are_zero_after_per_lead_zscore():
 def _save_tiny_bert(path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    tok = AutoTokenizer.from_pretrained(E._minilm_dir(), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
     torch.manual_seed(3)
     model = BertModel(BertConfig(vocab_size=tok.vocab_size, **TINY["bert"]), add_pooling_layer=False).eval()
     model.save_pretrained(path)

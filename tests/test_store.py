@@ -18,8 +18,9 @@ import pytest
 
 from mmehr.cli import main
 from mmehr.io import write_json
+from mmehr.modalities.encode import encode_events, pool_tokens, read_subject_list
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import EmbeddingStore, encode_events, pool_tokens, read_subject_list
+from mmehr.modalities.store import EmbeddingStore
 
 HOUR = 3_600_000_000  # µs
 T0 = 1_700_000_000_000_000
@@ -250,7 +251,7 @@ def test_interrupted_run_resumes_without_losing_or_duplicating_events(events, en
 KILLED_RUN = """
 import sys, time
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import encode_events, load_event_payload
+from mmehr.modalities.encode import encode_events, load_event_payload
 
 def slow_load(events_dir, row):
     time.sleep(0.05)

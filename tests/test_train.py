@@ -25,8 +25,9 @@ from mmehr.config import ConfigError
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.windows import TrainWindows
 from mmehr.io import read_json, write_json
+from mmehr.modalities.encode import encode_events
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import EmbeddingStore, encode_events
+from mmehr.modalities.store import EmbeddingStore
 from mmehr.model.gpt import GPT
 from mmehr.runconfig import OptimConfig, resolve_config
 from mmehr.train import lr_at, train

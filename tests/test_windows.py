@@ -19,8 +19,9 @@ from mmehr.data.windows import (
     rank_micro_batches,
 )
 from mmehr.io import write_json
+from mmehr.modalities.encode import encode_events
 from mmehr.modalities.encoders import get_encoder
-from mmehr.modalities.store import EmbeddingStore, encode_events
+from mmehr.modalities.store import EmbeddingStore
 
 K = 3
 

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tokenize": ("mmehr.data.tokenize", "tokenize a MEDS dataset into memory-mapped timelines"),
     "index": ("mmehr.modalities.sources", "index ECG / CXR / note sources into modality events"),
-    "encode": ("mmehr.modalities.store", "encode modality events once with a frozen encoder"),
+    "encode": ("mmehr.modalities.encode", "encode modality events once with a frozen encoder"),
     "train": ("mmehr.train", "train a model from a YAML config"),
     "evaluate": ("mmehr.evaluate.cli", "zero-shot evaluation of tasks by sampled rollouts"),
     "ablate": ("mmehr.experiments", "run an ablation grid and write the paper's tables"),

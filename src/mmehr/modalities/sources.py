@@ -46,6 +46,7 @@ import polars as pl
 from tqdm import tqdm
 
 from mmehr.io import MANIFEST, atomic_path, read_manifest, write_json
+from mmehr.units import DAY_US
 
 CANONICAL_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 _LEAD_ALIASES = {name.lower(): name for name in CANONICAL_LEADS}
@@ -99,9 +100,6 @@ def _datetime_us(col: pl.Expr) -> pl.Expr:
         s.str.strptime(pl.Datetime("us"), "%Y-%m-%d", strict=False),
     )
     return parsed.cast(pl.Int64)
-
-
-DAY_US = 86_400_000_000
 
 
 def _note_time(df: pl.DataFrame, discharge: bool) -> pl.Expr:
