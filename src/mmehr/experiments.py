@@ -13,13 +13,16 @@ compression method, k, l, ...), and the tables to build from them:
       ehr_only: ["model.fusion.modalities={}"]
       notes: [...]
     knockout: [all_three]              # runs also evaluated with each modality hidden
+    compare: [[notes, ehr_only]]       # paired AUROC differences, pooled over seeds
     tables:
       - {title: "Table 2: modalities", runs: [ehr_only, notes], task: icu_mortality}
 
 Each (run, seed) is trained (`mmehr train`) and evaluated (`mmehr evaluate`) in its own directory under
 DIR/runs/<run>/seed<k>/; a run whose outputs are complete is skipped, so an interrupted grid resumes.
-Results: DIR/results.parquet (one row per run, seed, task, metric), DIR/tables.md and DIR/tables.json
-(per table: mean over seeds, spread, and the bootstrap CI of each seed), one plot per table.
+Results: DIR/results.parquet (one row per run, seed, variant, task, metric), DIR/tables.md and
+DIR/tables.json (per table: mean over seeds, spread, and the bootstrap CI of each seed; beside each run the
+supervised reference that sees what it sees, `mmehr.evaluate.reference`), the paired comparisons, one plot
+per table. `--jobs N` trains and evaluates N (run, seed) pairs at once, the cores split between them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from mmehr.config import from_dict, load_yaml
+from mmehr.evaluate.metrics import pooled_paired_auroc_difference
 from mmehr.io import atomic_path, is_complete, write_json
 
 TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
@@ -60,6 +65,7 @@ class Grid:
     set: list[str] = field(default_factory=list)
     knockout: list[str] = field(default_factory=list)
     tables: list[TableSpec] = field(default_factory=list)
+    compare: list[list[str]] = field(default_factory=list)  # [run_a, run_b]: AUROC(a) - AUROC(b), paired
     evaluate_args: list[str] = field(default_factory=list)
 
 
@@ -74,27 +80,45 @@ def load_grid(path: str | Path) -> tuple[Grid, Path]:
         if missing:
             raise ValueError(f"{path}: table {t.title!r} names runs {missing} that the grid does not define")
     unknown = [r for r in grid.knockout if r not in grid.runs]
+    unknown += [r for pair in grid.compare for r in pair if r not in grid.runs]
     if unknown:
-        raise ValueError(f"{path}: knockout names unknown runs {unknown}")
+        raise ValueError(f"{path}: knockout or compare names unknown runs {unknown}")
+    if any(len(pair) != 2 for pair in grid.compare):
+        raise ValueError(f"{path}: each compare entry is a pair [run_a, run_b]")
     return grid, base
 
 
-def run_stage(*args: str) -> None:
-    """Run one `mmehr` stage in a child process (its progress bars go to the terminal)."""
+def run_stage(*args: str, threads: int | None = None, log: Path | None = None) -> None:
+    """Run one `mmehr` stage in a child process: its output goes to the terminal, or to `log` (appended);
+    `threads` sets its torch threads (OMP_NUM_THREADS)."""
     cmd = [sys.executable, "-m", "mmehr.cli", *args]
-    print("$ mmehr " + " ".join(args), flush=True)
-    result = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if log is None:
+        print("$ mmehr " + " ".join(args), flush=True)
+        result = subprocess.run(cmd, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write("$ mmehr " + " ".join(args) + "\n")
+            f.flush()
+            result = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"`mmehr {' '.join(args)}` failed with exit code {result.returncode}")
+        where = f" (its output: {log})" if log else ""
+        raise RuntimeError(f"`mmehr {' '.join(args)}` failed with exit code {result.returncode}{where}")
 
 
 def run_dir(out: Path, run: str, seed: int) -> Path:
     return out / "runs" / run / f"seed{seed}"
 
 
-def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -> Path:
-    """Train and evaluate one (run, seed) unless its outputs are complete; returns its directory."""
+def train_and_evaluate(
+    grid: Grid, base: Path, out: Path, run: str, seed: int, *, threads: int | None = None, quiet: bool = False
+) -> Path:
+    """Train and evaluate one (run, seed) unless its outputs are complete; returns its directory. `quiet`
+    sends the stages' output to <run>/seed<k>/log.txt (parallel jobs)."""
     d = run_dir(out, run, seed)
+    log = d / "log.txt" if quiet else None
+    extra = ["--no-progress"] if quiet else []
     train_dir, eval_dir = d / "train", d / "eval"
     if not is_complete(train_dir):
         overrides = [*grid.set, *grid.runs[run], f"run.seed={seed}"]
@@ -105,6 +129,9 @@ def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -
             "--out",
             str(train_dir),
             *[a for o in overrides for a in ("--set", o)],
+            *extra,
+            threads=threads,
+            log=log,
         )
     if not is_complete(eval_dir):
         args = [
@@ -120,12 +147,14 @@ def train_and_evaluate(grid: Grid, base: Path, out: Path, run: str, seed: int) -
             args += ["--max-samples", str(grid.max_samples)]
         if run in grid.knockout:
             args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
-        run_stage(*args, *grid.evaluate_args, "--out", str(eval_dir))
+        run_stage(*args, *grid.evaluate_args, "--out", str(eval_dir), *extra, threads=threads, log=log)
     return d
 
 
 def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{variant: {metric: {value, lo, hi}}} of one task: "full", and "without_<modality>" knock-outs."""
+    """{variant: {metric: {value, lo, hi}}} of one task: "full", "without_<modality>" knock-outs, and
+    the supervised references: "reference:<name>" and "reference" (the one that sees what the run sees),
+    whose "zero_shot_minus_reference" is the paired AUROC difference."""
     path = eval_dir / task / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: evaluation of {task} did not finish")
@@ -133,6 +162,16 @@ def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, flo
     out = {"full": result["metrics"]}
     for modality, k in (result.get("knockout") or {}).items():
         out[f"without_{modality}"] = k["metrics"]
+    reference = result.get("reference") or {}
+    for name, r in reference.items():
+        if name != "matched":
+            out[f"reference:{name}"] = r["metrics"]
+    if reference:
+        matched = reference[reference["matched"]]
+        out["reference"] = {
+            **matched["metrics"],
+            "zero_shot_minus_reference": matched["zero_shot_minus_reference"],
+        }
     return out
 
 
@@ -162,17 +201,18 @@ def collect(grid: Grid, out: Path) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
-def _cell(values: pl.DataFrame) -> str:
+def _cell(values: pl.DataFrame, signed: bool = False) -> str:
     """mean ± sd over seeds, and the CI when there is one seed."""
-    v = values["value"].to_numpy()
+    v = values["value"].to_numpy().astype(float) if values.height else np.zeros(0)
     v = v[~np.isnan(v)]
+    f = "+.3f" if signed else ".3f"
     if v.size == 0:
         return "n/a"
     if v.size == 1:
         lo, hi = values["lo"][0], values["hi"][0]
-        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and not np.isnan(lo) else ""
-        return f"{v[0]:.3f}{ci}"
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+        ci = f" [{lo:{f}}, {hi:{f}}]" if lo is not None and not np.isnan(lo) else ""
+        return f"{v[0]:{f}}{ci}"
+    return f"{v.mean():{f}} ± {v.std(ddof=1):.3f}"
 
 
 def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]:
@@ -184,9 +224,12 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
         for task in [spec.task] if spec.task else grid.tasks:
             n_seeds = len(grid.seeds)
             note = f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "value [95% bootstrap CI]"
-            parts.append(f"### {spec.title}: {task}\n\n{note}\n")
-            parts.append("| run | AUROC | AUPRC | F1 (macro) | F1 (positive) |")
-            parts.append("|---|---|---|---|---|")
+            parts.append(f"### {spec.title}: {task}\n\n{note}; the reference is the supervised logistic")
+            parts.append("regression that sees what the run sees, on the same samples (`mmehr evaluate`).\n")
+            parts.append(
+                "| run | AUROC | AUPRC | F1 (macro) | F1 (positive) | reference AUROC | zero-shot - reference |"
+            )
+            parts.append("|---|---|---|---|---|---|---|")
             for run in spec.runs:
                 cells = []
                 for metric in TABLE_METRICS:
@@ -207,9 +250,14 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
                                 "values": vals.tolist(),
                             }
                         )
+                ref = results.filter(
+                    (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("variant") == "reference")
+                )
+                cells.append(_cell(ref.filter(pl.col("metric") == "auroc")))
+                cells.append(_cell(ref.filter(pl.col("metric") == "zero_shot_minus_reference"), signed=True))
                 parts.append(f"| {run} | " + " | ".join(cells) + " |")
             parts.append("")
-    knock = results.filter((pl.col("variant") != "full") & (pl.col("metric") == "auroc"))
+    knock = results.filter(pl.col("variant").str.starts_with("without_") & (pl.col("metric") == "auroc"))
     if knock.height:
         parts.append("### Modality knock-out (AUROC; the same checkpoint with one modality hidden)\n")
         parts.append("| run | task | full | " + " | ".join(sorted(set(knock["variant"]))) + " |")
@@ -230,6 +278,63 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
             parts.append(f"| {run} | {task} | " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts), records
+
+
+def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
+    path = eval_dir / task / "predictions.parquet"
+    if not path.is_file():
+        return None
+    return pl.read_parquet(path).select(
+        "subject_id", "prediction_time", "boolean_value", pl.col("predicted_boolean_probability").alias("p")
+    )
+
+
+def compare_runs(grid: Grid, out: Path) -> list[dict]:
+    """Per compare pair and task: AUROC(a) - AUROC(b) on the same samples, mean over the seeds both
+    finished, with the seed-pooled subject-bootstrap CI."""
+    records = []
+    for a, b in grid.compare:
+        for task in grid.tasks:
+            ys, pa, pb, groups = None, [], [], None
+            for seed in grid.seeds:
+                da = _predictions(run_dir(out, a, seed) / "eval", task)
+                db = _predictions(run_dir(out, b, seed) / "eval", task)
+                if da is None or db is None:
+                    continue
+                j = da.join(db.drop("boolean_value"), on=["subject_id", "prediction_time"], suffix="_b")
+                j = j.sort("subject_id", "prediction_time")
+                if ys is None:
+                    ys, groups, keys = (
+                        j["boolean_value"].to_numpy(),
+                        j["subject_id"].to_numpy(),
+                        j.select("subject_id", "prediction_time"),
+                    )
+                elif not j.select("subject_id", "prediction_time").equals(keys):
+                    raise ValueError(
+                        f"{a} and {b} seed {seed} ({task}) were evaluated on other samples than seed {grid.seeds[0]}"
+                    )
+                pa.append(j["p"].to_numpy())
+                pb.append(j["p_b"].to_numpy())
+            if pa:
+                d = pooled_paired_auroc_difference(ys, pa, pb, groups=groups)
+                records.append({"a": a, "b": b, "task": task, **d})
+    return records
+
+
+def comparisons_markdown(records: list[dict]) -> str:
+    if not records:
+        return ""
+    lines = [
+        "### Paired comparisons (AUROC(a) - AUROC(b) on the same samples; mean over seeds, seed-pooled 95% CI)\n",
+        "| a | b | task | seeds | difference |",
+        "|---|---|---|---|---|",
+    ]
+    for r in records:
+        mark = " (CI above 0)" if r["lo"] > 0 else " (CI below 0)" if r["hi"] < 0 else ""
+        lines.append(
+            f"| {r['a']} | {r['b']} | {r['task']} | {r['seeds']} | {r['value']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]{mark} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot_table(title: str, task: str, runs: list[str], results: pl.DataFrame, out_png: Path) -> Path:
@@ -277,21 +382,48 @@ def write_tables(grid: Grid, out: Path) -> Path:
         png = plot_table(spec.title, task, spec.runs, results, out / "plots" / f"table{i + 1}.png")
         plots.append(png)
         md += f"\n![{spec.title}](plots/{png.name})\n"
+    comparisons = compare_runs(grid, out)
+    md += "\n" + comparisons_markdown(comparisons)
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(md)
-    write_json(out / "tables.json", records)
+    write_json(out / "tables.json", {"tables": records, "comparisons": comparisons})
     return out / "tables.md"
 
 
-def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None) -> Path:
+def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None, jobs: int = 1) -> Path:
+    """Train and evaluate every (run, seed) of the grid (resuming finished ones), then write the tables.
+    With jobs > 1, that many pairs run at once, each with cores // jobs torch threads."""
     grid, base = load_grid(grid_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(r, s) for r in grid.runs if not only or r in only for s in grid.seeds]
+    todo = [(r, s) for s in grid.seeds for r in grid.runs if not only or r in only]
     t0 = time.perf_counter()
-    for i, (run, seed) in enumerate(todo, 1):
-        print(f"[ablate {i}/{len(todo)}] {run} seed {seed}", flush=True)
-        train_and_evaluate(grid, base, out, run, seed)
+    if jobs <= 1:
+        for i, (run, seed) in enumerate(todo, 1):
+            print(f"[ablate {i}/{len(todo)}] {run} seed {seed}", flush=True)
+            train_and_evaluate(grid, base, out, run, seed)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // jobs)
+        print(
+            f"[ablate] {len(todo)} runs, {jobs} at a time with {threads} thread(s) each; logs in runs/*/seed*/log.txt",
+            flush=True,
+        )
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {
+                pool.submit(train_and_evaluate, grid, base, out, run, seed, threads=threads, quiet=True): (
+                    run,
+                    seed,
+                )
+                for run, seed in todo
+            }
+            for i, future in enumerate(as_completed(futures), 1):
+                run, seed = futures[future]
+                future.result()  # a failed run stops the grid with its error (and names its log)
+                print(
+                    f"[ablate {i}/{len(todo)}] {run} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     tables = write_tables(grid, out)
     write_json(
         out / "manifest.json",
@@ -304,10 +436,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", required=True, help="grid YAML (see configs/grids/)")
     parser.add_argument("--out", required=True, help="output directory (rerun to resume)")
     parser.add_argument("--only", nargs="*", help="run only these runs of the grid")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="(run, seed) pairs trained and evaluated at once (default 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    tables = ablate(args.grid, args.out, args.only)
+    tables = ablate(args.grid, args.out, args.only, jobs=args.jobs)
     print(tables.read_text())
     print(f"wrote {tables}")
     return 0

@@ -3,7 +3,10 @@
 It gathers what the stages left there: the synthetic cohort's manifest (planted signals), training runs
 (`metrics.jsonl`: loss curves and gate values), evaluations (`<task>/metrics.json`, predictions), and
 ablation tables (`tables.md`). Several evaluations of the same tasks are compared side by side, with the
-paired subject-bootstrap AUROC difference against the EHR-only run when there is one.
+paired subject-bootstrap AUROC difference against the EHR-only run when there is one, and every zero-shot
+AUROC stands beside its supervised reference (`mmehr.evaluate.reference`). On a synthetic cohort, the
+report also asks per modality whether the stored embeddings carry the planted condition (a supervised
+probe) and whether the model's predictions follow it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mmehr.io import atomic_path, is_complete
 COLUMNS = ("auroc", "auprc", "f1_macro", "f1_pos", "brier")
 HEADERS = ("AUROC", "AUPRC", "F1 (macro)", "F1 (positive)", "Brier")
 PLANTED = {"af": "AF (ECG)", "opacity": "opacity (CXR)", "symptom": "symptoms (notes)"}
+CONDITION_OF = {"ecg": "af", "cxr": "opacity", "note": "symptom"}
 
 
 def _fmt(m: dict | None) -> str:
@@ -32,6 +36,15 @@ def _fmt(m: dict | None) -> str:
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{m['value']:.3f}"
     return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _fmt_signed(m: dict | None) -> str:
+    if not m or m.get("value") is None or not np.isfinite(m["value"]):
+        return "n/a"
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{m['value']:+.3f}"
+    return f"{m['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _label(path: Path, root: Path) -> str:
@@ -127,10 +140,12 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
     baseline = next((name for name in evals if "ehr_only" in name), None)
     for task in tasks:
         lines += [f"### {task}", ""]
-        header = "| run | n | positive | " + " | ".join(HEADERS) + " |"
+        header = (
+            "| run | n | positive | " + " | ".join(HEADERS) + " | reference AUROC | zero-shot - reference |"
+        )
         if baseline:
             header += f" AUROC - {baseline} |"
-        lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + (1 if baseline else 0))]
+        lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + 2 + (1 if baseline else 0))]
         curves, verdicts = [], []
         base_pred = _predictions(evals[baseline], task) if baseline else None
         for name, d in evals.items():
@@ -139,6 +154,13 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
                 continue
             r = json.loads(path.read_text())
             cells = " | ".join(_fmt(r["metrics"].get(c)) for c in COLUMNS)
+            ref = r.get("reference") or {}
+            if ref:
+                matched = ref[ref["matched"]]
+                cells += f" | {_fmt(matched['metrics']['auroc'])} ({ref['matched']})"
+                cells += f" | {_fmt_signed(matched['zero_shot_minus_reference'])}"
+            else:
+                cells += " | — | —"
             row = f"| {name} | {r['n_samples']} | {r['n_positive']} | {cells} |"
             pred = _predictions(d, task)
             if baseline:
@@ -168,6 +190,91 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             lines += ["", f"![{task}]({png.relative_to(root).as_posix()})"]
         lines.append("")
     return lines
+
+
+def task_signal(evals: dict[str, Path]) -> list[str]:
+    """How much signal each task holds: every supervised reference of the evaluation that has the most."""
+    best: dict[str, dict] = {}
+    for d in evals.values():
+        for path in sorted(d.glob("*/metrics.json")):
+            r = json.loads(path.read_text())
+            ref = r.get("reference") or {}
+            if len(ref) > len(best.get(path.parent.name, {})):
+                best[path.parent.name] = {k: v for k, v in ref.items() if k != "matched"}
+    if not best:
+        return []
+    names = sorted({n for ref in best.values() for n in ref}, key=lambda n: (n != "ehr", n == "ehr+all", n))
+    lines = [
+        "## How much signal does each task hold?",
+        "",
+        "Supervised references: logistic regression fit on the train split's task samples, scored on the "
+        "held-out samples the rollouts scored (AUROC, 95% CI). `ehr` sees the context as a bag of codes; "
+        "`ehr+<m>` adds the mean-pooled stored embeddings of modality m's events before the prediction time.",
+        "",
+        "| task | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for task, ref in best.items():
+        lines.append(
+            f"| {task} | "
+            + " | ".join(_fmt(ref[n]["metrics"]["auroc"]) if n in ref else "—" for n in names)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def condition_probes(stores: dict[str, Path], truth_path: Path, truth_events_path: Path) -> dict[str, float]:
+    """Per modality: the held-out AUROC of a logistic-regression probe that predicts its planted condition
+    (`CONDITION_OF`) from each event's mean-pooled stored embedding, fit on the train split's events.
+    High: the encoder's embeddings carry the condition. Near 0.5: they do not."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mmehr.modalities.store import EmbeddingStore
+
+    truth = pl.read_parquet(truth_path).select("hadm_id", "split", *PLANTED)
+    events = pl.read_parquet(truth_events_path).filter(~pl.col("canary")).select("event_id", "hadm_id")
+    out = {}
+    for modality, root in stores.items():
+        condition = CONDITION_OF.get(modality)
+        if condition is None or not is_complete(root):
+            continue
+        store = EmbeddingStore(root)
+        index = pl.read_parquet(root / "index.parquet").with_row_index("row")
+        index = index.join(events, on="event_id").join(truth, on="hadm_id")
+        if index.height < 20:
+            continue
+        x = np.stack(
+            [
+                store._tokens(int(r["shard"]))[r["offset"] : r["offset"] + r["length"]]
+                .astype(np.float32)
+                .mean(0)
+                for r in index.select("shard", "offset", "length").iter_rows(named=True)
+            ]
+        )
+        y = index[condition].to_numpy().astype(int)
+        train = index["split"].to_numpy() == "train"
+        if y[train].min() == y[train].max() or y[~train].min() == y[~train].max():
+            continue
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(
+            x[train], y[train]
+        )
+        out[modality] = auroc(y[~train], probe.predict_proba(x[~train])[:, 1])
+    return out
+
+
+def _stores_of(root: Path) -> dict[str, Path]:
+    """The embedding store of each modality that a training run under root used (its resolved config)."""
+    import yaml
+
+    stores: dict[str, Path] = {}
+    for config in sorted(root.rglob("train/config.yaml")):
+        data = yaml.safe_load(config.read_text()).get("data", {})
+        for m, spec in (data.get("modalities") or {}).items():
+            if isinstance(spec, dict) and spec.get("store") and spec.get("enabled", True):
+                stores.setdefault(m, Path(spec["store"]))
+    return stores
 
 
 def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
@@ -222,6 +329,32 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     ]
 
 
+def probes_section(root: Path, truth_path: Path) -> list[str]:
+    """Per modality: do the stored embeddings carry the condition (probe), as the reader's first question
+    when the predictions do not follow it (then the fusion, not the encoder, is what misses it)."""
+    truth_events = truth_path.with_name("truth_events.parquet")
+    stores = _stores_of(root)
+    if not stores or not truth_events.is_file():
+        return []
+    probes = condition_probes(stores, truth_path, truth_events)
+    if not probes:
+        return []
+    lines = [
+        "### Do the encoders' embeddings carry the condition?",
+        "",
+        "A logistic-regression probe predicts each modality's planted condition from an event's mean-pooled "
+        "stored embedding (fit on the train split's events, AUROC on the others). A high probe AUROC with a "
+        "prediction that does not follow the condition (table above) means the fusion does not use what the "
+        "encoder delivers; a probe near 0.5 means the encoder's embeddings do not carry it.",
+        "",
+        "| modality | store | condition | probe AUROC |",
+        "|---|---|---|---|",
+    ]
+    for m, a in probes.items():
+        lines.append(f"| {m} | {stores[m].name} | {PLANTED[CONDITION_OF[m]]} | {a:.3f} |")
+    return [*lines, ""]
+
+
 def build_report(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -261,9 +394,11 @@ def build_report(root: str | Path) -> Path:
             "",
         ]
         lines += comparison(evals, root, plots)
+        lines += task_signal(evals)
         truth = root / "synth" / "truth.parquet"
         if truth.is_file():
             lines += planted_signal(evals, truth)
+            lines += probes_section(root, truth)
         for name, d in evals.items():
             summary = d / "summary.md"
             if summary.is_file():

@@ -100,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per process (default: cores / processes)"
     )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the supervised references (logistic regression on the same context, fit on train)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             knockout=tuple(knockout),
             cohorts=_parse_cohorts(args.cohort),
             n_boot=args.bootstrap,
+            reference=not args.no_reference,
         )
         results = evaluate(
             model,

@@ -190,6 +190,28 @@ def paired_auroc_difference(
     return {"value": auroc(y, p_a) - auroc(y, p_b), "lo": float(lo), "hi": float(hi)}
 
 
+def pooled_paired_auroc_difference(
+    y: np.ndarray,
+    p_a: list[np.ndarray],
+    p_b: list[np.ndarray],
+    *,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean over seeds of AUROC(a_s) - AUROC(b_s), all on the same samples y, with a subject-bootstrap 95%
+    CI in which each draw resamples the subjects once for every seed (the seeds' uncertainty pooled)."""
+    y = np.asarray(y, dtype=bool)
+    groups = np.arange(y.size) if groups is None else np.asarray(groups)
+
+    def mean_difference(idx: np.ndarray) -> float:
+        return float(np.mean([auroc(y[idx], a[idx]) - auroc(y[idx], b[idx]) for a, b in zip(p_a, p_b)]))
+
+    diffs = [d for idx in _subject_resamples(groups, n_boot, seed) if not np.isnan(d := mean_difference(idx))]
+    lo, hi = np.quantile(diffs, [0.025, 0.975]) if diffs else (np.nan, np.nan)
+    return {"value": mean_difference(np.arange(y.size)), "lo": float(lo), "hi": float(hi), "seeds": len(p_a)}
+
+
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at each distinct threshold, from (0,0) to (1,1)."""
     tps, fps = _counts_at_thresholds(y, p)

@@ -34,6 +34,7 @@ from mmehr.evaluate.metrics import (
     paired_auroc_difference,
     plot_task_curves,
 )
+from mmehr.evaluate.reference import ReferenceData, score_references
 from mmehr.evaluate.runner import EvalData, Unit, merge_unit, run_unit, write_predictions
 from mmehr.evaluate.sampler import SamplerSettings
 from mmehr.evaluate.scoring import (
@@ -145,6 +146,33 @@ def evaluate_task(
             "auroc_difference": paired_auroc_difference(y, p, q, groups=groups, n_boot=options.n_boot),
         }
         curves.append((f"without {hidden[-1]}", y, q))
+    if options.reference and options.split != "train":
+        reference_data = ReferenceData(
+            context_tokens=data.context_tokens,
+            modality_stores={m: s for m, s in data.modality_stores.items() if m not in options.hidden},
+            k_max=data.k_max
+            if isinstance(data.k_max, dict)
+            else dict.fromkeys(data.modality_stores, data.k_max),
+            max_tokens=data.max_tokens or {},
+            max_train_samples=options.reference_train_samples,
+        )
+        tuning_unit = (variants[0], "tuning")
+        full["reference"], per_sample = score_references(
+            task,
+            TimelineStore(data.timelines, "train"),
+            main,
+            store,
+            p,
+            reference_data,
+            tuning=(TimelineStore(data.timelines, "tuning"), scored[tuning_unit])
+            if tuning_unit in scored
+            else None,
+            n_boot=options.n_boot,
+        )
+        with atomic_path(base / "reference.parquet") as tmp:
+            per_sample.write_parquet(tmp)
+        name = full["reference"]["matched"]
+        curves.append((f"reference ({name})", y, per_sample[f"p_{name}"].to_numpy()))
     full = {"task": task.name, "split": options.split, "hidden_modalities": list(options.hidden), **full}
     with atomic_path(base / "curves.png") as tmp:
         plot_task_curves(

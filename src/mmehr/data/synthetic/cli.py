@@ -28,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ehr-strength", type=float, default=d.ehr_strength, help="weight of EHR-visible risk"
     )
     parser.add_argument(
+        "--death-offset", type=float, default=d.death_offset, help="added to the log-odds of every death"
+    )
+    parser.add_argument(
+        "--severity-signal",
+        type=float,
+        default=d.severity_signal,
+        help="how far labs and vitals move with the acute severity (multiplier)",
+    )
+    parser.add_argument(
         "--ecg-strength", type=float, default=d.ecg_strength, help="log-odds effect of AF (ECG)"
     )
     parser.add_argument(
@@ -48,6 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--icu-vitals-hours", type=float, default=d.icu_vitals_hours, help="hours between ICU vital rounds"
     )
 
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="frailty shows in age and in a problem list recorded before the first admission",
+    )
+    parser.add_argument(
+        "--icu-triage",
+        type=float,
+        default=d.icu_triage,
+        metavar="W",
+        help="each ICU admission follows a deterioration seen in vitals and labs 0.5-2 h before it, adding "
+        "W x its size (SD) to the log-odds of dying in that ICU stay (default 0: none)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
@@ -56,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         modalities=not args.no_modalities,
         canary=args.canary,
         ehr_strength=args.ehr_strength,
+        severity_signal=args.severity_signal,
+        death_offset=args.death_offset,
         ecg_strength=args.ecg_strength,
         cxr_strength=args.cxr_strength,
         note_strength=args.note_strength,
@@ -63,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         chunk_subjects=args.chunk_subjects,
         lab_panel=args.lab_panel,
         icu_vitals_hours=args.icu_vitals_hours,
+        icu_triage=args.icu_triage,
+        history=args.history,
     )
     if cfg.subjects < 1 or cfg.chunk_subjects < 1 or cfg.cxr_size < 32:
         raise ValueError("--subjects and --chunk-subjects must be >= 1 and --cxr-size >= 32")

@@ -133,9 +133,12 @@ class MedsRows:
 # The EHR simulator (one subject)
 
 
-def _measure(rng, specs, acute: float, frailty: float) -> list[float]:
+def _measure(rng, specs, acute: float, frailty: float, signal: float = 1.0) -> list[float]:
+    """One draw of each measurement in `specs`: its mean shifted by `signal` x its coefficient x the acute
+    severity, and by its frailty coefficient, plus noise (log-normal ones on the log scale)."""
     out = []
     for itemid, _unit, _name, mean, sd, lognormal, ka, kf in specs:
+        ka = ka * signal
         if lognormal:
             v = math.exp(math.log(mean) + ka * acute + kf * frailty + sd * rng.normal())
         else:
@@ -159,7 +162,9 @@ def simulate_subject(i: int, cfg: SynthConfig, rows: MedsRows) -> list[Stay]:
     sid = SUBJECT_ID0 + i
     frailty = float(rng.normal())
     female = bool(rng.random() < 0.5)
-    age0 = int(np.clip(rng.normal(62 + 8 * frailty, 15), 18, 95))
+    # With `history`, frailty shows clearly in age and in diagnoses recorded before the first admission.
+    age_mean, age_sd = (60 + 12 * frailty, 8) if cfg.history else (62 + 8 * frailty, 15)
+    age0 = int(np.clip(rng.normal(age_mean, age_sd), 18, 95))
     year0 = int(rng.integers(2110, 2190))
     t = (
         to_us(datetime(year0, 1, 1))
@@ -173,6 +178,10 @@ def simulate_subject(i: int, cfg: SynthConfig, rows: MedsRows) -> list[Stay]:
     chronic = [code for code, _d, b in CHRONIC_DX if rng.random() < _sigmoid(b + frailty)]
     rows.add(sid, None, "GENDER//F" if female else "GENDER//M")
     rows.add(sid, to_us(datetime(birth_year, 1, 1)), "MEDS_BIRTH")
+    if cfg.history and chronic:  # an earlier visit's problem list, 1 month to 2 years before
+        t_hist = _round(t - (30 + rng.uniform(0, 700)) * DAY_US, MINUTE_US)
+        for code in chronic:
+            rows.add(sid, t_hist, f"DIAGNOSIS//ICD//10//{code}")
 
     n_adm = 1 + min(int(rng.poisson(0.35 + 0.25 * max(frailty, 0.0))), MAX_ADMISSIONS - 1)
     stays: list[Stay] = []
@@ -231,24 +240,25 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
         for j in range(2):
             icu_los = _round((0.5 + rng.lognormal(0.7, 0.6)) * DAY_US, 1_000_000)
             unit = str(rng.choice(ICU_UNITS))
-            if rng.random() < _sigmoid(C_ICU_DEATH + risk):
+            d = float(rng.normal()) if cfg.icu_triage else 0.0  # the deterioration behind this admission (SD)
+            if rng.random() < _sigmoid(C_ICU_DEATH + cfg.death_offset + risk + cfg.icu_triage * d):
                 death = t + _round(rng.uniform(0.2, 0.95) * icu_los, MINUTE_US)
-                icu.append(IcuStay(ICUSTAY_ID0 + i * 16 + k * 2 + j, t, death, unit))
+                icu.append(IcuStay(ICUSTAY_ID0 + i * 16 + k * 2 + j, t, death, unit, d))
                 break
-            icu.append(IcuStay(ICUSTAY_ID0 + i * 16 + k * 2 + j, t, t + icu_los, unit))
+            icu.append(IcuStay(ICUSTAY_ID0 + i * 16 + k * 2 + j, t, t + icu_los, unit, d))
             t = t + icu_los
             if j == 1 or rng.random() >= _sigmoid(C_ICU_READMIT + risk):
                 break
             t = t + _round(rng.uniform(12, 72) * HOUR_US, MINUTE_US)
         if death is None:
             ward_time = _round(rng.uniform(1, 4) * DAY_US, MINUTE_US)
-            if rng.random() < _sigmoid(C_POST_ICU_DEATH + risk):
+            if rng.random() < _sigmoid(C_POST_ICU_DEATH + cfg.death_offset + risk):
                 death = t + _round(rng.uniform(0.2, 1.0) * ward_time, MINUTE_US)
             discharge = death if death is not None else t + ward_time
         else:
             discharge = death
     else:
-        if rng.random() < _sigmoid(C_WARD_DEATH + risk):
+        if rng.random() < _sigmoid(C_WARD_DEATH + cfg.death_offset + risk):
             death = admit + _round(rng.uniform(0.3, 1.0) * los, MINUTE_US)
         discharge = death if death is not None else admit + los
 
@@ -265,13 +275,17 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
         rows.add(sid, ed, "ED_REGISTRATION")
         rows.add(sid, ed, "TRANSFER_TO//ED//Emergency Department", hadm=hadm)
         tv = ed + _round(rng.uniform(5, 20) * MINUTE_US, MINUTE_US)
-        rows.add_many(sid, [tv] * 4, VITAL_CODES, _measure(rng, VITALS, acute, frailty), hadm, None)
+        rows.add_many(
+            sid, [tv] * 4, VITAL_CODES, _measure(rng, VITALS, acute, frailty, cfg.severity_signal), hadm, None
+        )
         tl = ed + _round(rng.uniform(30, 90) * MINUTE_US, MINUTE_US)
     else:
         tl = admit + _round(rng.uniform(30, 120) * MINUTE_US, MINUTE_US)
     labs, lab_codes = HOSP_LABS[: cfg.lab_panel], HOSP_LAB_CODES[: cfg.lab_panel]
     sev = _severity(acute, tl, admit, death)
-    rows.add_many(sid, [tl] * len(labs), lab_codes, _measure(rng, labs, sev, frailty), hadm, None)
+    rows.add_many(
+        sid, [tl] * len(labs), lab_codes, _measure(rng, labs, sev, frailty, cfg.severity_signal), hadm, None
+    )
     rows.add(sid, admit, f"HOSPITAL_ADMISSION//{adm_type}", hadm=hadm, admission=admission_info)
     if via_ed:
         rows.add(sid, ed_out, "ED_OUT")
@@ -284,7 +298,7 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
         tl = day + _round(rng.uniform(0, 90) * MINUTE_US, MINUTE_US)
         if tl < discharge:
             sev = _severity(acute, tl, admit, death)
-            vals = _measure(rng, labs, sev, frailty)
+            vals = _measure(rng, labs, sev, frailty, cfg.severity_signal)
             rows.add_many(sid, [tl] * len(labs), lab_codes, vals, hadm, None)
         for drug in drugs:
             tm = day + _round(rng.uniform(2, 14) * HOUR_US, MINUTE_US)
@@ -292,14 +306,35 @@ def _simulate_stay(rng, cfg, rows, sid, i, k, t0, frailty, chronic, admission_in
                 rows.add(sid, tm, f"MEDICATION//{drug}//Administered", hadm=hadm)
         day += DAY_US
 
-    # ICU stays: admission, vitals every cfg.icu_vitals_hours, discharge.
+    # ICU stays: (with icu_triage: the vitals and labs of the deterioration that triggers the transfer,
+    # 0.5-2 h before it, which also raises the risk of dying in that ICU stay), admission, vitals every
+    # cfg.icu_vitals_hours, discharge.
     for s in icu:
+        if cfg.icu_triage:
+            tt = max(s.start - _round(rng.uniform(0.5, 2) * HOUR_US, MINUTE_US), admit + MINUTE_US)
+            sev = _severity(acute, tt, admit, death) + s.deterioration
+            rows.add_many(
+                sid,
+                [tt] * 4,
+                VITAL_CODES,
+                _measure(rng, VITALS, sev, frailty, cfg.severity_signal),
+                hadm,
+                None,
+            )
+            rows.add_many(
+                sid,
+                [tt] * len(labs),
+                lab_codes,
+                _measure(rng, labs, sev, frailty, cfg.severity_signal),
+                hadm,
+                None,
+            )
         rows.add(sid, s.start, f"TRANSFER_TO//transfer//{s.unit}", hadm=hadm)
         rows.add(sid, s.start, f"ICU_ADMISSION//{s.unit}", hadm=hadm, icu=s.icustay_id)
         tv = s.start + _round(rng.uniform(10, 60) * MINUTE_US, MINUTE_US)
         while tv < s.end:
             sev = _severity(acute, tv, admit, death)
-            vals = _measure(rng, VITALS, sev, frailty)
+            vals = _measure(rng, VITALS, sev, frailty, cfg.severity_signal)
             rows.add_many(sid, [tv] * 4, VITAL_CODES, vals, hadm, s.icustay_id)
             tv += round(cfg.icu_vitals_hours * HOUR_US)
         if s.end != death:

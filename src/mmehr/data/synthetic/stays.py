@@ -13,6 +13,7 @@ class IcuStay:
     start: int  # µs
     end: int  # µs (ICU discharge, or death)
     unit: str
+    deterioration: float = 0.0  # with icu_triage: the deterioration that triggered the admission
 
 
 @dataclass
