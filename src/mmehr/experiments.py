@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 
 from mmehr.config import from_dict, load_yaml
-from mmehr.io import atomic_path, is_complete, write_json
+from mmehr.io import OutputLock, atomic_path, check_output, is_complete, mark_output, write_json
 
 TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
 
@@ -286,7 +286,13 @@ def write_tables(grid: Grid, out: Path) -> Path:
 def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None) -> Path:
     grid, base = load_grid(grid_path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "ablate", inputs=[grid_path, base])
+    mark_output(out, "ablate")
+    with OutputLock(out, "ablate"):  # a second grid run into `out` fails, naming this one
+        return _ablate(grid, base, grid_path, out, only)
+
+
+def _ablate(grid: Grid, base: Path, grid_path: str | Path, out: Path, only: list[str] | None) -> Path:
     todo = [(r, s) for r in grid.runs if not only or r in only for s in grid.seeds]
     t0 = time.perf_counter()
     for i, (run, seed) in enumerate(todo, 1):
@@ -295,7 +301,12 @@ def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None
     tables = write_tables(grid, out)
     write_json(
         out / "manifest.json",
-        {"grid": str(Path(grid_path).resolve()), "runs": len(todo), "seconds": time.perf_counter() - t0},
+        {
+            "stage": "ablate",
+            "grid": str(Path(grid_path).resolve()),
+            "runs": len(todo),
+            "seconds": time.perf_counter() - t0,
+        },
     )
     return tables
 
