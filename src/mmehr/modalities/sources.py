@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from mmehr.io import MANIFEST, atomic_path, read_manifest, write_json
+from mmehr.io import MANIFEST, atomic_path, check_output, read_manifest, write_json
 from mmehr.units import DAY_US
 
 CANONICAL_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -57,6 +58,7 @@ CXR_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 NOTE_FILES = ("discharge", "radiology")
 
 EPOCH = datetime(1970, 1, 1)
+NOT_UTF8 = "_not_utf8"  # read_csv_checked's flag of rows whose bytes were not UTF-8
 SKIPPED_SCHEMA = {"subject_id": pl.Int64, "record": pl.String, "reason": pl.String}
 # The columns every events.parquet starts with (docs/interfaces.md); each source adds its metadata.
 EVENT_SCHEMA = {
@@ -80,11 +82,30 @@ def _find(root: Path, names: list[str]) -> Path | None:
 
 
 def read_csv_checked(path: Path, required: list[str]) -> pl.DataFrame:
-    """Read a CSV (optionally gzipped) as strings; raise ValueError naming the file and missing columns."""
+    """Read a CSV (optionally gzipped) as strings; raise ValueError naming the file and missing columns.
+
+    Bytes that are not UTF-8 do not reject the file: it is read with them replaced, the rows holding
+    them are flagged in a `NOT_UTF8` column (the indexers skip them, counted) and a warning names the
+    file and the rows (never their text)."""
     try:
-        df = pl.read_csv(path, infer_schema=False)
-    except Exception as e:  # polars raises several error types for malformed files
+        try:
+            df = pl.read_csv(path, infer_schema=False)
+        except pl.exceptions.ComputeError as e:
+            if "utf-8" not in str(e).lower():
+                raise
+            df = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
+            df = df.with_columns(
+                pl.any_horizontal(pl.all().str.contains("\ufffd", literal=True))
+                .fill_null(False)
+                .alias(NOT_UTF8)
+            )
+    except Exception as e:  # polars raises several error types; its message may quote a note, so not shown
         raise ValueError(f"{path}: cannot be read as CSV ({type(e).__name__})") from e
+    if NOT_UTF8 in df.columns:
+        rows = df.with_row_index("row", offset=1).filter(pl.col(NOT_UTF8))["row"].to_list()
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        print(f"warning: {path}: {len(rows)} row(s) hold bytes that are not UTF-8 (data row {shown}); "
+              "skipped, counted in skipped.parquet as 'not UTF-8'", file=sys.stderr)  # fmt: skip
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; found {df.columns}")
@@ -167,6 +188,8 @@ def index_ecg(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
             reason = "bad subject_id"
         if reason is None and row["time"] is None:
             reason = "bad ecg_time"
+        if row.get(NOT_UTF8):
+            reason = "not UTF-8"
         if reason is not None:
             skipped.append((sid, rel, reason))
             continue
@@ -283,7 +306,9 @@ def index_cxr(root: Path, views: list[str] | None = None) -> tuple[pl.DataFrame,
         view = (row["ViewPosition"] or "").strip()
         rel = cxr_image_path(sid, row["study_id"], row["dicom_id"]) if sid is not None else row["dicom_id"]
         t = study_time_us(row["StudyDate"], row["StudyTime"])
-        if sid is None:
+        if row.get(NOT_UTF8):
+            reason = "not UTF-8"
+        elif sid is None:
             reason = "bad subject_id"
         elif wanted is not None and view.upper() not in wanted:
             reason = f"view {view or 'missing'} not selected"
@@ -351,7 +376,9 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     frames, skipped = [], []
     for path in found:
         df = read_csv_checked(path, ["note_id", "subject_id", "hadm_id", "note_type", "charttime", "text"])
+        not_utf8 = df[NOT_UTF8] if NOT_UTF8 in df.columns else pl.repeat(False, df.height, eager=True)
         df = df.select(
+            not_utf8.alias(NOT_UTF8),
             pl.col("subject_id").str.strip_chars().cast(pl.Int64, strict=False),
             _note_time(df, discharge=path.name.startswith("discharge")).alias("time"),
             pl.col("note_id"),
@@ -360,7 +387,9 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
             pl.col("text"),
         )
         reason = (
-            pl.when(pl.col("subject_id").is_null())
+            pl.when(pl.col(NOT_UTF8))
+            .then(pl.lit("not UTF-8"))
+            .when(pl.col("subject_id").is_null())
             .then(pl.lit("bad subject_id"))
             .when(pl.col("time").is_null())
             .then(pl.lit("bad charttime"))
@@ -371,7 +400,7 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         skipped.append(
             df.filter(pl.col("reason").is_not_null()).select("subject_id", record="note_id", reason="reason")
         )
-        frames.append(df.filter(pl.col("reason").is_null()).drop("reason"))
+        frames.append(df.filter(pl.col("reason").is_null()).drop("reason", NOT_UTF8))
     events = pl.concat(frames).select(
         "subject_id",
         "time",
@@ -398,6 +427,7 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
         raise FileNotFoundError(f"source root {root} is not a directory")
     if views and source != "cxr":
         raise ValueError("--views applies to --source cxr only")
+    check_output(out, "index", inputs=[root])  # before reading every record, not after
     t0 = time.perf_counter()
     if source == "ecg":
         events, skipped = index_ecg(root)
@@ -411,7 +441,7 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
         dups = events.filter(duplicated)["event_id"].unique().head(5).to_list()
         raise ValueError(f"{root}: duplicate records in the source index, e.g. {dups}")
     seconds = time.perf_counter() - t0
-    with atomic_path(out) as tmp:
+    with atomic_path(out, stage="index", inputs=[root]) as tmp:
         tmp.mkdir(parents=True)
         events.write_parquet(tmp / "events.parquet")
         skipped.write_parquet(tmp / "skipped.parquet")
@@ -447,6 +477,15 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
 
 # ----------------------------------------------------------------------------------------------------
 # Payloads
+
+
+def source_root(events_dir: str | Path) -> Path | None:
+    """The source root an events directory was indexed from (its manifest's `root`), when it says."""
+    try:
+        root = read_manifest(events_dir).get("root")
+    except (OSError, ValueError):
+        return None
+    return Path(root) if isinstance(root, str) and root else None
 
 
 def _source_of(events_dir: Path) -> Path:
