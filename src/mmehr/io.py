@@ -161,7 +161,12 @@ def stage_of(directory: str | os.PathLike) -> str | None:
                     return "train"
     if (d / "settings.json").is_file() and (d / "parts").is_dir():
         return "encode"  # a store being encoded
-    if (d / "config.yaml").is_file() and (d / "checkpoints").is_dir():
+    checkpoints = d / "checkpoints"
+    if (
+        (d / "config.yaml").is_file()
+        and checkpoints.is_dir()
+        and any(stage_of(c) == "checkpoint" for c in checkpoints.iterdir() if c.is_dir())
+    ):
         return "train"  # a run being trained
     demo = {"synth", "timelines", "events", "stores", "grid.yaml", "experiments", "demo.json", LOCK}
     if (d / "synth").is_dir() and {p.name for p in d.iterdir()} <= demo and stage_of(d / "synth") == "synth":
