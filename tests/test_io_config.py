@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mmehr.config import ConfigError, apply_overrides, from_dict, load_config, save_config
-from mmehr.io import atomic_path, is_complete, read_json, read_manifest, write_json
+from mmehr.io import OutputLock, atomic_path, check_output, is_complete, read_json, read_manifest, write_json
 
 
 @dataclasses.dataclass
@@ -62,10 +62,60 @@ def test_atomic_path_replaces_a_directory_only_on_success(tmp_path: Path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old").write_text("old")
-    with atomic_path(target) as tmp:
+    write_json(target / "manifest.json", {"stage": "tokenize"})  # a complete output of the same stage
+    with atomic_path(target, stage="tokenize") as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
+
+
+def test_atomic_path_never_replaces_a_directory_it_does_not_own(tmp_path: Path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    with (
+        pytest.raises(ValueError, match=r"already holds 1 entry that mmehr did not write \(thesis.tex\)"),
+        atomic_path(user, stage="tokenize") as tmp,
+    ):
+        tmp.mkdir()
+    with pytest.raises(ValueError, match="refusing to replace it"), atomic_path(user) as tmp:
+        tmp.mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+    write_json(other / "manifest.json", {"stage": "index"})
+    with (
+        pytest.raises(ValueError, match="already holds a complete `mmehr index` output"),
+        atomic_path(other, stage="tokenize") as tmp,
+    ):
+        tmp.mkdir()
+    assert (user / "thesis.tex").read_text() == "precious" and (other / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "user"]  # no temporaries left
+
+
+@pytest.mark.parametrize(("out", "where"), [("data", "is"), ("data/sub", "lies inside"), (".", "contains")])
+def test_an_output_that_is_inside_or_contains_an_input_is_refused(tmp_path: Path, out: str, where: str):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match=f"{where} the input"):
+        check_output(tmp_path / out, "tokenize", inputs=[tmp_path / "data"])
+
+
+def test_output_lock_names_its_holder_and_is_released(tmp_path: Path):
+    with (
+        OutputLock(tmp_path, "encode"),
+        pytest.raises(RuntimeError, match=rf"is being written by `mmehr encode` \(pid {os.getpid()} "),
+    ):
+        OutputLock(tmp_path, "encode")
+    with OutputLock(tmp_path, "encode"):  # released on leaving the block
+        pass
+
+
+def test_read_json_names_a_file_that_is_not_json(tmp_path: Path):
+    (tmp_path / "a.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"a.json: not a JSON text file \(byte 0 is not UTF-8\)"):
+        read_json(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text('{"a": 1,')
+    with pytest.raises(ValueError, match=r"b.json: not valid JSON \(line 1"):
+        read_json(tmp_path / "b.json")
 
 
 def test_manifest_marks_completion(tmp_path: Path):

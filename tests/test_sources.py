@@ -316,15 +316,15 @@ def test_a_root_without_its_index_file_is_a_clear_error(tmp_path):
         ("note", "discharge"),
     ]:
         with pytest.raises(FileNotFoundError, match=expected):
-            build_index(source, tmp_path, tmp_path / "idx")
+            build_index(source, tmp_path, tmp_path.with_name(tmp_path.name + "-idx"))
     with pytest.raises(ValueError, match="--views"):
-        build_index("ecg", tmp_path, tmp_path / "idx", views=["PA"])
+        build_index("ecg", tmp_path, tmp_path.with_name(tmp_path.name + "-idx"), views=["PA"])
 
 
 def test_cli_index_writes_manifest_last_and_replaces_old_output(synth, tmp_path, capsys):
     out = tmp_path / "idx"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older run")
+    assert main(["index", "--source", "cxr", "--root", str(synth / "cxr"), "--out", str(out)]) == 0
+    (out / "stale.txt").write_text("from an older run")  # inside a complete index output: replaced
     args = ["index", "--source", "cxr", "--root", str(synth / "cxr"), "--out", str(out), "--views", "PA,AP"]
     assert main(args) == 0
     assert f"wrote {out}" in capsys.readouterr().out

@@ -316,14 +316,16 @@ def test_ecg_events_through_a_payload_loader(tmp_path):
     write_json(tmp_path / "manifest.json", {"source": "test"})
     enc = get_encoder("ecg-patch")
     manifest = encode_events(
-        tmp_path,
+        tmp_path,  # the store beside the events, not inside them
         enc,
-        tmp_path / "store",
+        tmp_path.with_name(tmp_path.name + "-store"),
         load_payload=lambda d, r: (np.load(d / r["payload"]), r["fs"]),
         progress=False,
     )
     assert manifest["counts"]["events"] == 5 and manifest["max_tokens"] == 10
-    got = EmbeddingStore(tmp_path / "store").events_before(1, T0 + 10 * HOUR, 1)[0][1]
+    got = EmbeddingStore(tmp_path.with_name(tmp_path.name + "-store")).events_before(1, T0 + 10 * HOUR, 1)[0][
+        1
+    ]
     emb, _ = enc.encode([(np.load(tmp_path / "ecg" / "4.npy"), 500.0)])
     np.testing.assert_array_equal(got, emb[0].numpy().astype(np.float16))
 

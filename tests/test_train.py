@@ -253,6 +253,10 @@ def test_checkpoint_loading_never_unpickles(ehr_run, tmp_path):
     evil = tmp_path / "evil"
     shutil.copytree(ckpt, evil)
     torch.save({"step": 8, "x": Payload()}, evil / STATE)
+    with pytest.raises(ValueError, match=r"trainer_state\.pt is damaged: its sha256 differs"):
+        load_state(evil)  # the recorded checksum catches the swap first
+    manifest = read_json(evil / "manifest.json")
+    write_json(evil / "manifest.json", {**manifest, "state_sha256": None})  # as an attacker would
     with pytest.raises(ValueError, match="refused to load"):
         load_state(evil)
     assert not marker.exists()
@@ -313,6 +317,7 @@ def test_shipped_configs_resolve(name, demo_timelines, note_store):
         overrides += [
             f"data.modalities.{modality}.store={note_store}",
             f"data.modalities.{modality}.encoder=",
+            f"data.modalities.{modality}.modality=note",  # a note store in every slot, said explicitly
         ]
     config = resolve_config(apply_overrides(raw, overrides))
     assert set(config.model.modalities) == {"ecg", "cxr", "note"}

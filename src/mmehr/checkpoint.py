@@ -9,8 +9,9 @@ A checkpoint is one directory:
                         directory and, per modality, the embedding store and k_max
     vocab.json          a copy of the vocabulary the model was trained with (its sha256 is in the manifest,
                         with the timelines directory it came from)
-    manifest.json       written last: step, validation loss, vocab checksum; without it the checkpoint
-                        is incomplete and never loaded
+    manifest.json       written last: step, validation loss, checksums (sha256) of the vocabulary, the
+                        weights and the trainer state; without it the checkpoint is incomplete and never
+                        loaded, and weights whose checksum differs (bit flips, truncation) are refused
 
 A training run directory holds `checkpoints/step-NNNNNNN/` (the latest few), `checkpoints/best/` (lowest
 validation loss) and a `manifest.json` naming its final and best checkpoints; `load_model` accepts either
@@ -23,6 +24,7 @@ import datetime
 import hashlib
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ import safetensors.torch
 import torch
 
 from mmehr.config import load_config, save_config
-from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, write_json
+from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, stage_of, write_json
 from mmehr.model.gpt import GPT
 from mmehr.runconfig import TrainConfig
 
@@ -60,7 +62,7 @@ def save_checkpoint(
     tensors/numbers/strings only (anything else fails here, not at load); info: extra manifest fields.
     """
     directory = Path(directory)
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory, stage="checkpoint") as tmp:
         tmp.mkdir(parents=True)
         safetensors.torch.save_model(model, str(tmp / WEIGHTS))
         if state is not None:
@@ -71,12 +73,30 @@ def save_checkpoint(
             "stage": "checkpoint",
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "vocab_sha256": sha256_file(tmp / VOCAB),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+            "state_sha256": sha256_file(tmp / STATE) if state is not None else None,
             "vocab_from": str(Path(vocab_path).resolve()),
             "parameters": sum(p.numel() for p in model.parameters()),
             **(info or {}),
         }
         write_json(tmp / MANIFEST, manifest)
     return directory
+
+
+def _checked(directory: str | Path, name: str) -> Path:
+    """`directory/name`, after comparing it with the checksum its manifest records (if it records one)."""
+    directory = Path(directory)
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    key = {WEIGHTS: "weights_sha256", STATE: "state_sha256"}[name]
+    want = read_json(directory / MANIFEST).get(key) if (directory / MANIFEST).is_file() else None
+    if want and sha256_file(path) != want:
+        raise ValueError(
+            f"{path} is damaged: its sha256 differs from the one recorded in {directory / MANIFEST} when it "
+            "was written (truncated, bit flips, or replaced); use another checkpoint of the run"
+        )
+    return path
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
@@ -86,6 +106,7 @@ def load_state(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path} does not exist: this checkpoint holds weights only and cannot be resumed"
         )
+    _checked(directory, STATE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -93,14 +114,17 @@ def load_state(directory: str | Path) -> dict[str, Any]:
             f"{path}: refused to load: it holds objects other than tensors, numbers and strings "
             f"(loading never unpickles arbitrary objects): {str(e).splitlines()[0]}"
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable trainer state ({type(e).__name__}: {e})") from None
 
 
 def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     """Load a checkpoint's weights into `model` in place; every parameter must match by name and shape."""
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+    path = _checked(directory, WEIGHTS)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if missing or unexpected:
         raise ValueError(
             f"{path} does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
@@ -109,13 +133,67 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors by name (CPU), as stored."""
-    return safetensors.torch.load_file(str(Path(directory) / WEIGHTS))
+    path = _checked(directory, WEIGHTS)
+    try:
+        return safetensors.torch.load_file(str(path))
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise ValueError/OSError unless a checkpoint's manifest, weights and trainer state are intact:
+    their recorded checksums, or for a checkpoint written before checksums, that they can be read."""
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST)
+    if manifest.get("weights_sha256"):
+        _checked(directory, WEIGHTS)
+    else:
+        read_weights(directory)
+    if manifest.get("state_sha256"):
+        _checked(directory, STATE)
+    else:
+        load_state(directory)
+
+
+def check_vocabulary(checkpoint_dir: str | Path, timelines: str | Path) -> None:
+    """Refuse timelines whose vocabulary is not the one the checkpoint was trained with: token ids would
+    not mean what the model learned, whatever the vocabulary's size."""
+    manifest = read_manifest(checkpoint_dir)
+    vocab = Path(timelines) / VOCAB
+    want, got = manifest.get("vocab_sha256"), sha256_file(vocab) if vocab.is_file() else None
+    if want and got and got != want:
+        source = (
+            Path(manifest["vocab_from"]).parent if manifest.get("vocab_from") else "the training timelines"
+        )
+        raise ValueError(
+            f"{vocab} is not the vocabulary {checkpoint_dir} was trained with (sha256 {got[:12]}... != "
+            f"{want[:12]}...): its token ids mean other codes. Evaluate timelines tokenized with the training "
+            f"vocabulary: `mmehr tokenize --vocab-from {source} ...`"
+        )
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete `checkpoints/step-*` directories of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
     return sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
+
+
+def latest_intact_checkpoint(run_dir: str | Path, *, move_damaged: bool = True) -> Path | None:
+    """The latest step checkpoint of a run whose files are intact (`verify_checkpoint`), or None.
+
+    A damaged one (bit flips, a write cut short where atomic renames do not hold) is skipped with a
+    warning and, with move_damaged, moved aside to checkpoints/damaged-step-N (kept for inspection), so
+    that training again through its step writes a fresh one."""
+    for c in reversed(step_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(c)
+            return c
+        except (ValueError, OSError) as e:
+            if move_damaged:
+                c.rename(c.with_name(f"damaged-{c.name}"))
+                print(f"warning: {c} is damaged ({e}); moved it to damaged-{c.name} and use the checkpoint "
+                      "before it", file=sys.stderr)  # fmt: skip
+    return None
 
 
 def resolve_checkpoint(path: str | Path, which: str = "auto") -> Path:
@@ -130,8 +208,15 @@ def resolve_checkpoint(path: str | Path, which: str = "auto") -> Path:
         return path
     if which not in ("auto", "best", "final"):
         raise ValueError(f"which must be auto, best or final, got {which!r}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such training run or checkpoint directory")
     if is_complete(path):
         manifest = read_json(path / MANIFEST)
+        if stage_of(path) != "train" or not manifest.get("final_checkpoint"):
+            what = f"a `mmehr {stage_of(path)}` output" if stage_of(path) else "not a `mmehr train` output"
+            raise ValueError(
+                f"{path} is {what}, not a training run or checkpoint (no {WEIGHTS}, no final_checkpoint)"
+            )
         name = manifest.get("best_checkpoint") if which in ("auto", "best") else None
         if which == "best" and not name:
             raise FileNotFoundError(f"{path}: the run kept no best checkpoint (it never validated)")

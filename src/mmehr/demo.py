@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from mmehr.experiments import run_stage
-from mmehr.io import is_complete, write_json
+from mmehr.io import check_output, is_complete, mark_output, write_json
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TASKS = ["hospital_mortality", "icu_mortality", "icu_admission", "icu_readmission"]
@@ -79,7 +79,8 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
         **({"max_steps": steps} if steps else {}),
     )
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "demo")  # a rerun resumes its own output; anything else there is refused
+    mark_output(out, "demo")
     seconds: dict[str, float] = {}
 
     def stage(name: str, done: Path, *args: str) -> None:

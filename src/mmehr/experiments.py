@@ -42,7 +42,7 @@ import polars as pl
 
 from mmehr.config import from_dict, load_yaml
 from mmehr.evaluate.metrics import pooled_paired_auroc_difference
-from mmehr.io import atomic_path, is_complete, write_json
+from mmehr.io import OutputLock, atomic_path, check_output, is_complete, mark_output, write_json
 
 TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
 
@@ -395,7 +395,15 @@ def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None
     With jobs > 1, that many pairs run at once, each with cores // jobs torch threads."""
     grid, base = load_grid(grid_path)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, "ablate", inputs=[grid_path, base])
+    mark_output(out, "ablate")
+    with OutputLock(out, "ablate"):  # a second grid run into `out` fails, naming this one
+        return _ablate(grid, base, grid_path, out, only, jobs)
+
+
+def _ablate(
+    grid: Grid, base: Path, grid_path: str | Path, out: Path, only: list[str] | None, jobs: int
+) -> Path:
     todo = [(r, s) for s in grid.seeds for r in grid.runs if not only or r in only]
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -427,7 +435,12 @@ def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None
     tables = write_tables(grid, out)
     write_json(
         out / "manifest.json",
-        {"grid": str(Path(grid_path).resolve()), "runs": len(todo), "seconds": time.perf_counter() - t0},
+        {
+            "stage": "ablate",
+            "grid": str(Path(grid_path).resolve()),
+            "runs": len(todo),
+            "seconds": time.perf_counter() - t0,
+        },
     )
     return tables
 

@@ -355,10 +355,19 @@ def probes_section(root: Path, truth_path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _check_own_report(root: Path) -> None:
+    """The report replaces only an earlier mmehr report: a user's report.md / report.html is refused."""
+    for name, mark in (("report.md", "# mmehr report"), ("report.html", "<title>mmehr report")):
+        path = root / name
+        if path.is_file() and mark.encode() not in path.read_bytes()[:2000]:
+            raise ValueError(f"{path} exists and is not an mmehr report; refusing to overwrite it")
+
+
 def build_report(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
+    _check_own_report(root)
     plots = root / "report_plots"
     lines = [f"# mmehr report: {root.resolve().name}", ""]
 

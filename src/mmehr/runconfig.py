@@ -7,7 +7,7 @@
     run:    output, seed, device, logging, checkpoints
 
 `resolve_config` validates a raw mapping and fills what the data determines (absolute paths, vocab size,
-each modality's encoder width); `modality_stores` opens the stores a resolved config names. Training
+each modality's encoder width, and what each store holds: modality, encoder, settings checksum); `modality_stores` opens the stores a resolved config names. Training
 (`mmehr.train`) and evaluation (`mmehr.evaluate`) both read a run through this module, never each other.
 """
 
@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from mmehr.config import ConfigError, apply_overrides, from_dict, load_yaml
 from mmehr.io import read_manifest
-from mmehr.modalities.store import EmbeddingStore
+from mmehr.modalities.sources import SOURCES
+from mmehr.modalities.store import EmbeddingStore, read_store_manifest, settings_sha256
 from mmehr.model.config import ModelConfig
 
 
@@ -28,8 +29,11 @@ from mmehr.model.config import ModelConfig
 class ModalityData:
     """One modality's events: the embedding store of one (modality, frozen encoder) and how many a window carries.
 
-    encoder: the encoder the store must have been made with ("" accepts any); max_tokens: truncate each
-    event to this many encoder tokens (None: the longest in the batch); enabled: false switches it off.
+    max_tokens: truncate each event to this many encoder tokens (None: the longest in the batch); enabled:
+    false switches it off. What the store must hold ("" accepts any; resolving fills each from the store,
+    so a run records them and evaluation refuses a store that changed): modality (a slot named ecg, cxr
+    or note holds that modality), encoder, and settings_sha256 (the store's encoder weights,
+    preprocessing and pooling: `mmehr.modalities.store.settings_sha256`).
     """
 
     store: str
@@ -37,6 +41,8 @@ class ModalityData:
     max_tokens: int | None = None
     encoder: str = ""
     enabled: bool = True
+    modality: str = ""
+    settings_sha256: str = ""
 
 
 @dataclass
@@ -131,11 +137,14 @@ def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
         m["store"] = str(Path(m["store"]).resolve())
         if str(m.get("enabled", True)).lower() in ("false", "0", "no"):
             continue
-        store = read_manifest(m["store"])
-        if m.get("encoder") and m["encoder"] != store["encoder"]:
-            raise ConfigError(
-                f"{where}: data.modalities.{name}.encoder is {m['encoder']!r} but {m['store']} holds {store['encoder']!r}"
-            )
+        try:
+            store = read_store_manifest(m["store"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: data.modalities.{name}: {e}") from None
+        _check_store(m, name, store, settings_sha256(m["store"]), where)
+        m.update(
+            modality=store["modality"], encoder=store["encoder"], settings_sha256=settings_sha256(m["store"])
+        )
         spec = dict(model_mods.get(name) or {})
         if spec.setdefault("d_enc", store["d_enc"]) != store["d_enc"]:
             raise ConfigError(
@@ -164,6 +173,21 @@ def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     return config
 
 
+def _check_store(m: dict[str, Any], name: str, store: dict[str, Any], checksum: str, where: str) -> None:
+    """A modality slot's store must hold what the slot (and a run trained with it) says."""
+    modality = m.get("modality") or (name if name in SOURCES else "")
+    held = f"{m['store']} holds {store['modality']} embeddings of {store['encoder']!r}"
+    if modality and store["modality"] != modality:
+        raise ConfigError(f"{where}: data.modalities.{name} takes {modality} embeddings but {held}")
+    if m.get("encoder") and m["encoder"] != store["encoder"]:
+        raise ConfigError(f"{where}: data.modalities.{name}.encoder is {m['encoder']!r} but {held}")
+    if m.get("settings_sha256") and m["settings_sha256"] != checksum:
+        raise ConfigError(
+            f"{where}: data.modalities.{name}: {m['store']} was encoded with other settings (encoder weights, "
+            "preprocessing or pooling) than the run recorded"
+        )
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     raw = load_yaml(path) if path is not None else {}
     apply_overrides(raw, overrides or [])
@@ -171,10 +195,33 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
 
 
 def modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore]:
-    """The embedding store of every enabled modality, checked against the model's encoder width."""
+    """The embedding store of every enabled modality, checked against what the run recorded: modality,
+    encoder, settings and width (a run resolved before these were recorded checks the width only)."""
     stores = {}
     for name, m in config.model.fusion.modalities.items():
-        store = stores[name] = EmbeddingStore(config.data.modalities[name].store)
+        data = config.data.modalities[name]
+        store = stores[name] = EmbeddingStore(data.store)
+        recorded = {"store": data.store, "modality": data.modality, "encoder": data.encoder,
+                    "settings_sha256": data.settings_sha256}  # fmt: skip
+        _check_store(recorded, name, store.manifest, settings_sha256(store.root), "the run's config")
         if store.d_enc != m.d_enc:
             raise ValueError(f"{store.root}: d_enc {store.d_enc} != the model's {m.d_enc}")
     return stores
+
+
+# Not compared at --resume: where the run lives (it may have been moved), and what a run resolved before
+# they were recorded left empty (modality, encoder, settings_sha256: filled now from the same stores).
+_NOT_COMPARED = ("run.out",)
+_RECORDED_LATER = ("modality", "encoder", "settings_sha256")
+
+
+def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where a run's saved config and the current one (both `to_dict`) differ in what the
+    run computes."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [d for k in keys for d in config_differences(saved.get(k), current.get(k), f"{prefix}{k}.")]
+    key = prefix.rstrip(".")
+    if key in _NOT_COMPARED or (key.rsplit(".", 1)[-1] in _RECORDED_LATER and saved in ("", None)):
+        return []
+    return [] if saved == current else [key]

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from mmehr.batch import Batch
 from mmehr.checkpoint import (
     CONFIG,
+    latest_intact_checkpoint,
     load_config_of,
     load_state,
     load_weights,
@@ -58,10 +59,10 @@ from mmehr.config import save_config, to_dict
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.windows import TrainWindows, iterate_micro_batches, rank_micro_batches
 from mmehr.distributed import Distributed, set_threads
-from mmehr.io import MANIFEST, read_manifest, write_json
+from mmehr.io import MANIFEST, OutputLock, check_output, mark_output, read_manifest, write_json
 from mmehr.model.accounting import batch_train_flops, parameter_counts
 from mmehr.model.gpt import GPT
-from mmehr.runconfig import OptimConfig, TrainConfig, load_train_config, modality_stores
+from mmehr.runconfig import OptimConfig, TrainConfig, config_differences, load_train_config, modality_stores
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces of the trainer
@@ -183,18 +184,30 @@ class Trainer:
 
     # -- output directory and resume --
     def _prepare_out(self, resume: bool) -> None:
-        out, main = self.out, self.dist.main
+        out, main, d = self.out, self.dist.main, self.config.data
+        inputs = [d.timelines, self.config.train.init_from, *(m.store for m in d.modalities.values())]
+        check_output(out, "train", inputs=inputs)
+        self.dist.barrier()  # every rank has checked `out` before rank 0 marks it
+        if main:  # the lock is held until this process ends: a second trainer here fails, naming this one
+            mark_output(out, "train")
+            self.lock = OutputLock(out, "train")
         latest = next(reversed(step_checkpoints(out)), None)
         if not resume and (latest is not None or (out / MANIFEST).is_file()):
             raise ValueError(
                 f"{out} already holds a training run: pass --resume to continue it, or choose another --out"
             )
-        if resume and latest is not None:
+        latest = latest_intact_checkpoint(out, move_damaged=main) if resume else None
+        if latest is not None:
             saved = to_dict(load_config_of(latest))
-            diff = _differences(saved, to_dict(self.config))
+            diff = config_differences(saved, to_dict(self.config))
             if diff:
                 raise ValueError(
                     f"--resume: the config differs from the run's in {diff}; resume with the same config"
+                )
+            if read_manifest(latest).get("vocab_sha256", self.vocab_sha256) != self.vocab_sha256:
+                raise ValueError(
+                    f"--resume: {self.vocab_path} is not the vocabulary {latest} was trained with "
+                    "(were the timelines tokenized again?)"
                 )
             self._restore(latest)
             if main:
@@ -202,7 +215,6 @@ class Trainer:
         elif resume and main:
             print(f"--resume: {out} has no complete checkpoint; starting from step 0", file=sys.stderr)
         if main:
-            out.mkdir(parents=True, exist_ok=True)
             for stale in (out / "checkpoints").glob(".*"):  # a checkpoint write cut by a kill
                 shutil.rmtree(stale, ignore_errors=True)
             (out / MANIFEST).unlink(missing_ok=True)  # the run is changing: incomplete until the end
@@ -453,12 +465,6 @@ class Trainer:
         return summary
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def train(
     config: TrainConfig, out: str | Path | None = None, *, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -491,7 +497,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--config is required (or --resume with an --out that holds config.yaml)")
         path = args.out / CONFIG
     config = load_train_config(path, args.overrides)
-    out = Path(args.out or config.run.out)
+    # A run's own config.yaml resumes the run it lives in, wherever the run was moved since (its run.out
+    # still names where it was trained).
+    own = path.name == CONFIG and (path.parent / "checkpoints").is_dir()
+    out = Path(args.out or (path.parent if args.resume and own else config.run.out))
     train(config, out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {out.resolve()} (metrics.jsonl, checkpoints/, manifest.json)")

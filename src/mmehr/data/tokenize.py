@@ -20,8 +20,16 @@ from tqdm import tqdm
 
 from mmehr.data.meds import SPLITS, MedsDataset, Shard, open_meds, read_shard, write_splits
 from mmehr.data.timelines import ARRAYS
-from mmehr.data.tokenizer import TokenizedShard, Tokenizer, load_preset, needed_columns, static_columns
-from mmehr.io import atomic_path, read_manifest, write_json
+from mmehr.data.tokenizer import (
+    UNK,
+    UNK_SUFFIX,
+    TokenizedShard,
+    Tokenizer,
+    load_preset,
+    needed_columns,
+    static_columns,
+)
+from mmehr.io import atomic_path, check_output, read_manifest, write_json
 
 
 def write_shard(directory: Path, shard: TokenizedShard) -> None:
@@ -34,10 +42,18 @@ def _tokenize_shard(
     tokenizer: Tokenizer, dataset: MedsDataset, shard: Shard, out: Path, summary: dict
 ) -> int:
     """Tokenise one input shard and write one directory per split it holds; returns the number of its
-    subjects without timed events (left out). A function, so the shard's arrays are freed on return."""
+    subjects without timed events (left out). A function, so the shard's arrays are freed on return.
+
+    Counts per split, beside subjects and tokens: `unknown_tokens` and `unknown_static` (timeline and
+    static tokens that read as unknown: codes the vocabulary lacks) and `infinite_values` (rows whose
+    numeric_value is +-inf: the decile fit leaves them out and they tokenize as the top / bottom decile)."""
     preset = tokenizer.preset
-    ts = tokenizer.transform(read_shard(shard, needed_columns(preset), categorical=static_columns(preset)))
+    rows = read_shard(shard, needed_columns(preset), categorical=static_columns(preset))
+    infinite = rows.subject[np.isinf(rows.numeric_value)]
+    ts = tokenizer.transform(rows)
+    del rows
     split = _splits_of(dataset.splits, ts.subject_ids)
+    unknown = _unknown_ids(tokenizer)
     for name, s in summary.items():
         part = ts.select(split == name)
         if len(part.subject_ids):
@@ -45,7 +61,17 @@ def _tokenize_shard(
             s["subjects"] += len(part.subject_ids)
             s["tokens"] += len(part.tokens)
             s["shards"].append(f"shard-{shard.index}")
+            s["unknown_tokens"] += int(np.isin(part.tokens, unknown).sum())
+            s["unknown_static"] += int(np.isin(part.static_tokens, unknown).sum())
+            s["infinite_values"] += int(np.isin(infinite, part.subject_ids).sum())
     return len(dataset.shard_subjects[shard.index]) - len(ts.subject_ids)
+
+
+def _unknown_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """Ids of the tokens that stand for something the vocabulary lacks: <UNK> and every `...//<UNK>`."""
+    return np.array(
+        [i for i, t in enumerate(tokenizer.vocab.itos) if t == UNK or t.endswith(UNK_SUFFIX)], dtype=np.int64
+    )
 
 
 def _splits_of(splits: pl.DataFrame, subject_ids: np.ndarray) -> np.ndarray:
@@ -87,6 +113,7 @@ def tokenize(
     output) without refitting. `out` appears only when everything is written.
     """
     t0 = time.perf_counter()
+    check_output(out, "tokenize", inputs=[meds_root, vocab_from])  # before the fit, not after
     dataset = open_meds(meds_root, seed=seed)
     if vocab_from is not None:
         if preset is not None:
@@ -102,9 +129,19 @@ def tokenize(
 
     split_names = [s for s in SPLITS if s in set(dataset.splits["split"])]
     split_names += sorted(set(dataset.splits["split"]) - set(SPLITS))
-    summary = {s: {"subjects": 0, "tokens": 0, "shards": []} for s in split_names}
+    summary = {
+        s: {
+            "subjects": 0,
+            "tokens": 0,
+            "shards": [],
+            "unknown_tokens": 0,
+            "unknown_static": 0,
+            "infinite_values": 0,
+        }
+        for s in split_names
+    }
     without_events = 0
-    with atomic_path(out) as tmp:
+    with atomic_path(out, stage="tokenize", inputs=[meds_root, vocab_from]) as tmp:
         tmp.mkdir(parents=True)
         tokenizer.save(tmp)
         write_splits(dataset.splits, tmp / "subject_splits.parquet")
@@ -182,7 +219,23 @@ def run(args: argparse.Namespace) -> int:
     )
     for split, s in manifest["splits"].items():
         print(
-            f"  {split:<9} {s['subjects']:>8,} subjects {s['tokens']:>13,} tokens in {len(s['shards'])} shard(s)"
+            f"  {split:<9} {s['subjects']:>8,} subjects {s['tokens']:>13,} tokens in {len(s['shards'])} shard(s), "
+            f"{s['unknown_tokens']:,} unknown ({s['unknown_tokens'] / max(s['tokens'], 1):.1%})"
+        )
+    if manifest["vocab_from"]:
+        unknown = sum(s["unknown_tokens"] for s in manifest["splits"].values())
+        tokens = sum(s["tokens"] for s in manifest["splits"].values())
+        print(
+            f"  --vocab-from {manifest['vocab_from']}: {unknown:,} of {tokens:,} tokens ({unknown / max(tokens, 1):.1%}) "
+            "are codes its vocabulary lacks (read as unknown)",
+            file=sys.stderr,
+        )
+    infinite = sum(s["infinite_values"] for s in manifest["splits"].values())
+    if infinite:
+        print(
+            f"  warning: {infinite:,} row(s) with numeric_value +-inf: left out of the decile fit, tokenized as "
+            "the top / bottom decile (manifest: splits.*.infinite_values)",
+            file=sys.stderr,
         )
     skipped = manifest["skipped"]
     if skipped["empty_shards"] or skipped["subjects_without_events"]:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from mmehr.checkpoint import load_model
+from mmehr.checkpoint import check_vocabulary, load_model, resolve_checkpoint
 from mmehr.distributed import Distributed, set_threads
 from mmehr.evaluate.pipeline import evaluate
 from mmehr.evaluate.runner import EvalData
 from mmehr.evaluate.sampler import CAP_WARNING, SamplerSettings
-from mmehr.evaluate.scoring import DEFAULT_COHORTS, EvalOptions, format_ci
+from mmehr.evaluate.scoring import DEFAULT_COHORTS, EvalOptions, fixed_threshold, format_ci
 from mmehr.evaluate.tasks import load_task
 from mmehr.model.gpt import GPT
 from mmehr.runconfig import TrainConfig, modality_stores
@@ -145,6 +145,17 @@ def eval_data_from_config(cfg: TrainConfig, args: argparse.Namespace) -> EvalDat
     )
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Counts and sizes that must be positive, refused before any work."""
+    at_least = {"--rollouts": (args.rollouts, 1), "--max-new-tokens": (args.max_new_tokens, 1),
+                "--batch-size": (args.batch_size, 1), "--max-samples": (args.max_samples, 1),
+                "--tuning-samples": (args.tuning_samples, 1), "--bootstrap": (args.bootstrap, 0),
+                "--context-tokens": (args.context_tokens, 1), "--temperature": (args.temperature, 0)}  # fmt: skip
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}")
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -159,9 +170,15 @@ def run(args: argparse.Namespace) -> int:
         device = args.device
     d = Distributed.setup(use_cuda=device.startswith("cuda"), timeout_hours=12)
     try:
-        model, cfg = load_model(args.checkpoint, device)
+        _check_numbers(args)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model, cfg = load_model(checkpoint, device)
         data = eval_data_from_config(cfg, args)
+        check_vocabulary(checkpoint, data.timelines)  # ids from another vocabulary mean other codes
         tasks = [load_task(t) for t in args.task]
+        if args.threshold_from not in ("tuning", "none"):  # a bad file fails now, not after the rollouts
+            for task in tasks:
+                fixed_threshold(args.threshold_from, task.name)
         enabled = set(model.config.fusion.modalities)
         unknown = set(args.hide_modality) - enabled
         if unknown:

@@ -46,7 +46,7 @@ from mmehr.evaluate.scoring import (
     unit_summary,
 )
 from mmehr.evaluate.tasks import TaskConfig
-from mmehr.io import MANIFEST, atomic_path, write_json
+from mmehr.io import MANIFEST, OutputLock, atomic_path, check_output, mark_output, write_json
 from mmehr.model.gpt import GPT
 
 
@@ -205,10 +205,40 @@ def evaluate(
     options = options or EvalOptions()
     out = Path(out)
     d = Distributed.from_env()
-    rank, world = d.rank, d.world_size
-    if rank == 0 and (out / MANIFEST).is_file():
-        (out / MANIFEST).unlink()
     header = {"checkpoint": "(in memory)", **(header or {})}
+    checkpoint = Path(header["checkpoint"])
+    inputs = [data.timelines, *(s.root for s in data.modality_stores.values())]
+    check_output(out, "evaluate", inputs=[*inputs, *([checkpoint] if checkpoint.exists() else [])])
+    d.barrier()  # every rank has checked `out` before rank 0 marks it
+    lock = None
+    if d.main:  # held to the end: a second evaluation into `out` fails, naming this one
+        mark_output(out, "evaluate")
+        lock = OutputLock(out, "evaluate")
+        (out / MANIFEST).unlink(missing_ok=True)
+    try:
+        return _evaluate(
+            model, tasks, data, settings, out, options, device=device, progress=progress, header=header
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(
+    model: GPT,
+    tasks: list[TaskConfig],
+    data: EvalData,
+    settings: SamplerSettings,
+    out: Path,
+    options: EvalOptions,
+    *,
+    device: torch.device | str,
+    progress: bool,
+    header: dict,
+) -> dict[str, dict]:
+    """evaluate's work, with `out` checked and locked."""
+    d = Distributed.from_env()
+    rank, world = d.rank, d.world_size
     extra = {"checkpoint": header["checkpoint"], "unsafe_leak": options.unsafe_leak}
     t0 = time.perf_counter()
     results = {}

@@ -28,7 +28,18 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, write_json
+from mmehr.io import (
+    MANIFEST,
+    OutputLock,
+    atomic_path,
+    check_output,
+    is_complete,
+    mark_output,
+    read_json,
+    read_manifest,
+    stage_of,
+    write_json,
+)
 from mmehr.modalities import sources
 from mmehr.modalities.encoders import REGISTRY, FrozenEncoder, check_payload, get_encoder
 from mmehr.modalities.store import INDEX_SCHEMA, _part_path, _shard_path
@@ -47,6 +58,10 @@ def read_events(
     (subject_id, time, event_id); optionally only those of `only_subjects`."""
     events_dir = Path(events_dir)
     read_manifest(events_dir)  # fails clearly if the index stage never finished
+    if stage_of(events_dir) not in (None, "index"):
+        raise ValueError(
+            f"{events_dir} is a `mmehr {stage_of(events_dir)}` output, not modality events (`mmehr index`)"
+        )
     path = events_dir / "events.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `mmehr index` to write it")
@@ -249,10 +264,48 @@ def encode_events(
     if batch_size < 1 or shard_events < 1 or stride_pool < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError("batch_size, shard_events, stride_pool and max_tokens must be positive")
     events_dir, root = Path(events_dir), Path(out)
+    check_output(root, "encode", inputs=[events_dir, sources.source_root(events_dir)])
     events = read_events(events_dir, encoder.modality, only_subjects)
+    if events.is_empty():
+        raise ValueError(_nothing_to_encode(events_dir, encoder, only_subjects))
     settings = _settings(encoder, stride_pool, max_tokens)
-    root.mkdir(parents=True, exist_ok=True)
-    _check_settings(root, settings)
+    with OutputLock(root, "encode"):  # a second encode into this store fails, naming this one
+        mark_output(root, "encode")
+        _check_settings(root, settings)
+        return _encode_into(
+            root, events_dir, events, encoder, settings, batch_size=batch_size, max_tokens=max_tokens,
+            stride_pool=stride_pool, shard_events=shard_events, workers=workers, load_payload=load_payload,
+            progress=progress,
+        )  # fmt: skip
+
+
+def _nothing_to_encode(events_dir: Path, encoder: FrozenEncoder, only_subjects: Iterable[int] | None) -> str:
+    if only_subjects is not None:
+        return f"{events_dir}: none of the subjects of --only-subjects has a {encoder.modality} event; nothing to encode"
+    held = pl.read_parquet(events_dir / "events.parquet", columns=["modality"])["modality"].value_counts()
+    held = ", ".join(f"{n} {m}" for m, n in held.sort("modality").iter_rows()) or "no events at all"
+    return (
+        f"{events_dir} holds no {encoder.modality} events ({held}); encoder {encoder.name} encodes "
+        f"{encoder.modality} events: give it the events of `mmehr index --source {encoder.modality}`"
+    )
+
+
+def _encode_into(
+    root: Path,
+    events_dir: Path,
+    events: pl.DataFrame,
+    encoder: FrozenEncoder,
+    settings: dict[str, Any],
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    stride_pool: int,
+    shard_events: int,
+    workers: int,
+    load_payload: Callable[[Path, dict[str, Any]], Any] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """encode_events' work, with the store locked and its settings checked."""
     done, k = _recover(root, encoder.d_enc)
     todo = events.join(done.select("event_id"), on="event_id", how="anti").sort(
         "subject_id", "time", "event_id"
@@ -366,8 +419,15 @@ def finalise_store(root: Path, settings: dict[str, Any], **extra: Any) -> dict[s
         index.write_parquet(tmp)
     with atomic_path(root / "skipped.parquet") as tmp:
         skipped.write_parquet(tmp)
-    tokens = int(index["length"].sum()) if index.height else 0
+    if index.height == 0:  # a store without events would train and evaluate as if the modality were absent
+        reasons = skipped["skip_reason"].value_counts(sort=True).head(3).rows()
+        raise ValueError(
+            f"{root}: none of the {skipped.height} events could be encoded ({', '.join(f'{n}x {r}' for r, n in reasons)}); "
+            f"the store is left incomplete: see {root / 'skipped.parquet'}, fix the payloads and encode into a new --out"
+        )
+    tokens = int(index["length"].sum())
     manifest = {
+        "stage": "encode",
         **settings,
         **{k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in extra.items()},
         "counts": {

@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,16 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from mmehr.io import MANIFEST, atomic_path, read_manifest, write_json
-from mmehr.units import DAY_US
+from mmehr.io import MANIFEST, atomic_path, check_output, read_manifest, write_json
+from mmehr.modalities.tables import (
+    NOT_UTF8,
+    datetime_us,
+    find_file,
+    int_or_none,
+    note_time,
+    read_csv_checked,
+    study_time_us,
+)
 
 CANONICAL_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 _LEAD_ALIASES = {name.lower(): name for name in CANONICAL_LEADS}
@@ -56,7 +64,6 @@ ECG_LIST = "record_list.csv"
 CXR_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 NOTE_FILES = ("discharge", "radiology")
 
-EPOCH = datetime(1970, 1, 1)
 SKIPPED_SCHEMA = {"subject_id": pl.Int64, "record": pl.String, "reason": pl.String}
 # The columns every events.parquet starts with (docs/interfaces.md); each source adds its metadata.
 EVENT_SCHEMA = {
@@ -69,78 +76,7 @@ EVENT_SCHEMA = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared helpers
-
-
-def _find(root: Path, names: list[str]) -> Path | None:
-    for name in names:
-        if (root / name).is_file():
-            return root / name
-    return None
-
-
-def read_csv_checked(path: Path, required: list[str]) -> pl.DataFrame:
-    """Read a CSV (optionally gzipped) as strings; raise ValueError naming the file and missing columns."""
-    try:
-        df = pl.read_csv(path, infer_schema=False)
-    except Exception as e:  # polars raises several error types for malformed files
-        raise ValueError(f"{path}: cannot be read as CSV ({type(e).__name__})") from e
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; found {df.columns}")
-    return df
-
-
-def _datetime_us(col: pl.Expr) -> pl.Expr:
-    """'YYYY-MM-DD HH:MM:SS[.f]' (or a bare date) -> int64 µs since the epoch; null when unparseable."""
-    s = col.str.strip_chars()
-    parsed = pl.coalesce(
-        s.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S%.f", strict=False),
-        s.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M", strict=False),
-        s.str.strptime(pl.Datetime("us"), "%Y-%m-%d", strict=False),
-    )
-    return parsed.cast(pl.Int64)
-
-
-def _note_time(df: pl.DataFrame, discharge: bool) -> pl.Expr:
-    """A note's acquisition time (µs): its charttime, except that a discharge summary is never placed
-    before it was written. MIMIC-IV-Note gives discharge summaries a date-only charttime (midnight of
-    the discharge day), which would precede the discharge and leak the stay's outcome into predictions
-    made earlier that day; so a discharge summary's time is max(charttime, storetime), or the end of
-    its charttime's day when storetime is missing and charttime is a bare date."""
-    chart = _datetime_us(pl.col("charttime"))
-    if not discharge:
-        return chart
-    midnight = (chart % DAY_US) == 0
-    end_of_day = pl.when(midnight).then(chart + DAY_US - 1).otherwise(chart)
-    if "storetime" not in df.columns:
-        return end_of_day
-    store = _datetime_us(pl.col("storetime"))
-    return pl.when(store.is_not_null()).then(pl.max_horizontal(chart, store)).otherwise(end_of_day)
-
-
-def study_time_us(study_date: str, study_time: str) -> int | None:
-    """MIMIC-CXR StudyDate (YYYYMMDD) + StudyTime (HHMMSS with optional fraction; leading zeros may be
-    missing, e.g. '81413.5' is 08:14:13.5) -> µs since the epoch, or None if malformed."""
-    try:
-        date = str(study_date).strip().split(".")[0]
-        whole, _, frac = str(study_time).strip().partition(".")
-        whole = whole.zfill(6)
-        if len(date) != 8 or len(whole) != 6 or not (whole.isdigit() and (frac == "" or frac.isdigit())):
-            return None
-        dt = datetime(
-            int(date[:4]), int(date[4:6]), int(date[6:]), int(whole[:2]), int(whole[2:4]), int(whole[4:])
-        )
-    except ValueError:
-        return None
-    return (dt - EPOCH) // timedelta(microseconds=1) + (int((frac + "000000")[:6]) if frac else 0)
-
-
-def _int_or_none(x: Any) -> int | None:
-    try:
-        return int(str(x).strip().split(".")[0])
-    except (TypeError, ValueError):
-        return None
+# ECG leads (the source tables are read by `mmehr.modalities.tables`)
 
 
 def canonical_lead(name: str) -> str | None:
@@ -158,15 +94,17 @@ def index_ecg(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     if not csv.is_file():
         raise FileNotFoundError(f"{csv} not found: an ECG root holds record_list.csv (MIMIC-IV-ECG layout)")
     df = read_csv_checked(csv, ["subject_id", "study_id", "ecg_time", "path"])
-    df = df.with_columns(_datetime_us(pl.col("ecg_time")).alias("time"))
+    df = df.with_columns(datetime_us(pl.col("ecg_time")).alias("time"))
     events, skipped = [], []
     for row in tqdm(df.iter_rows(named=True), total=df.height, desc="index ecg", unit="rec"):
-        sid, rel = _int_or_none(row["subject_id"]), (row["path"] or "").strip()
+        sid, rel = int_or_none(row["subject_id"]), (row["path"] or "").strip()
         reason, header = _check_ecg(root / rel) if rel else ("missing path", None)
         if reason is None and sid is None:
             reason = "bad subject_id"
         if reason is None and row["time"] is None:
             reason = "bad ecg_time"
+        if row.get(NOT_UTF8):
+            reason = "not UTF-8"
         if reason is not None:
             skipped.append((sid, rel, reason))
             continue
@@ -268,7 +206,7 @@ def index_cxr(root: Path, views: list[str] | None = None) -> tuple[pl.DataFrame,
     """Index MIMIC-CXR-JPG: metadata CSV + JPEG checks; `views` keeps only those ViewPositions."""
     from PIL import Image
 
-    csv = _find(root, [CXR_METADATA, CXR_METADATA + ".gz"])
+    csv = find_file(root, [CXR_METADATA, CXR_METADATA + ".gz"])
     if csv is None:
         raise FileNotFoundError(
             f"{root / CXR_METADATA} not found: a CXR root holds it (MIMIC-CXR-JPG layout)"
@@ -279,11 +217,13 @@ def index_cxr(root: Path, views: list[str] | None = None) -> tuple[pl.DataFrame,
     wanted = {v.strip().upper() for v in views} if views else None
     events, skipped = [], []
     for row in tqdm(df.iter_rows(named=True), total=df.height, desc="index cxr", unit="img"):
-        sid = _int_or_none(row["subject_id"])
+        sid = int_or_none(row["subject_id"])
         view = (row["ViewPosition"] or "").strip()
         rel = cxr_image_path(sid, row["study_id"], row["dicom_id"]) if sid is not None else row["dicom_id"]
         t = study_time_us(row["StudyDate"], row["StudyTime"])
-        if sid is None:
+        if row.get(NOT_UTF8):
+            reason = "not UTF-8"
+        elif sid is None:
             reason = "bad subject_id"
         elif wanted is not None and view.upper() not in wanted:
             reason = f"view {view or 'missing'} not selected"
@@ -302,7 +242,7 @@ def index_cxr(root: Path, views: list[str] | None = None) -> tuple[pl.DataFrame,
                 "event_id": f"cxr-{row['dicom_id']}",
                 "payload": rel,
                 "view_position": view or None,
-                "study_id": _int_or_none(row["study_id"]),
+                "study_id": int_or_none(row["study_id"]),
                 "rows": size[1],
                 "columns": size[0],
             }
@@ -339,7 +279,7 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     found = []
     for name in NOTE_FILES:
         for base in (root, root / "note"):
-            path = _find(base, [f"{name}.csv.gz", f"{name}.csv"])
+            path = find_file(base, [f"{name}.csv.gz", f"{name}.csv"])
             if path is not None:
                 found.append(path)
                 break
@@ -351,16 +291,20 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     frames, skipped = [], []
     for path in found:
         df = read_csv_checked(path, ["note_id", "subject_id", "hadm_id", "note_type", "charttime", "text"])
+        not_utf8 = df[NOT_UTF8] if NOT_UTF8 in df.columns else pl.repeat(False, df.height, eager=True)
         df = df.select(
+            not_utf8.alias(NOT_UTF8),
             pl.col("subject_id").str.strip_chars().cast(pl.Int64, strict=False),
-            _note_time(df, discharge=path.name.startswith("discharge")).alias("time"),
+            note_time(df, discharge=path.name.startswith("discharge")).alias("time"),
             pl.col("note_id"),
             pl.col("note_type"),
             pl.col("hadm_id").str.strip_chars().cast(pl.Float64, strict=False).cast(pl.Int64),
             pl.col("text"),
         )
         reason = (
-            pl.when(pl.col("subject_id").is_null())
+            pl.when(pl.col(NOT_UTF8))
+            .then(pl.lit("not UTF-8"))
+            .when(pl.col("subject_id").is_null())
             .then(pl.lit("bad subject_id"))
             .when(pl.col("time").is_null())
             .then(pl.lit("bad charttime"))
@@ -371,7 +315,7 @@ def index_note(root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
         skipped.append(
             df.filter(pl.col("reason").is_not_null()).select("subject_id", record="note_id", reason="reason")
         )
-        frames.append(df.filter(pl.col("reason").is_null()).drop("reason"))
+        frames.append(df.filter(pl.col("reason").is_null()).drop("reason", NOT_UTF8))
     events = pl.concat(frames).select(
         "subject_id",
         "time",
@@ -398,6 +342,7 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
         raise FileNotFoundError(f"source root {root} is not a directory")
     if views and source != "cxr":
         raise ValueError("--views applies to --source cxr only")
+    check_output(out, "index", inputs=[root])  # before reading every record, not after
     t0 = time.perf_counter()
     if source == "ecg":
         events, skipped = index_ecg(root)
@@ -411,7 +356,7 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
         dups = events.filter(duplicated)["event_id"].unique().head(5).to_list()
         raise ValueError(f"{root}: duplicate records in the source index, e.g. {dups}")
     seconds = time.perf_counter() - t0
-    with atomic_path(out) as tmp:
+    with atomic_path(out, stage="index", inputs=[root]) as tmp:
         tmp.mkdir(parents=True)
         events.write_parquet(tmp / "events.parquet")
         skipped.write_parquet(tmp / "skipped.parquet")
@@ -447,6 +392,15 @@ def build_index(source: str, root: str | Path, out: str | Path, views: list[str]
 
 # ----------------------------------------------------------------------------------------------------
 # Payloads
+
+
+def source_root(events_dir: str | Path) -> Path | None:
+    """The source root an events directory was indexed from (its manifest's `root`), when it says."""
+    try:
+        root = read_manifest(events_dir).get("root")
+    except (OSError, ValueError):
+        return None
+    return Path(root) if isinstance(root, str) and root else None
 
 
 def _source_of(events_dir: Path) -> Path:

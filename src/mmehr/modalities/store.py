@@ -40,13 +40,16 @@ events reads at most 16 x 4 x (312 + 197 + 512) x 1,536 B ~ 100 MB from the page
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from mmehr.io import read_manifest
+from mmehr.io import read_json, read_manifest, stage_of
 
 INDEX_SCHEMA = {
     "subject_id": pl.Int64,
@@ -77,6 +80,29 @@ def _part_path(root: Path, k: int) -> Path:
 # Reading
 
 
+def read_store_manifest(root: str | Path) -> dict[str, Any]:
+    """A finished store's manifest; a directory that is not a store, or a store without events, fails
+    with an error naming it (a store of no events would read as if the modality were never there)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if stage_of(root) != "encode":
+        what = f"a `mmehr {stage_of(root)}` output" if stage_of(root) else "not an `mmehr encode` output"
+        hint = f"; encode it first: `mmehr encode --events {root} --encoder NAME --out STORE`"
+        raise ValueError(
+            f"{root} is {what}, not an embedding store{hint if stage_of(root) == 'index' else ''}"
+        )
+    if not manifest.get("counts", {}).get("events"):
+        raise ValueError(f"{root}: the embedding store holds no events ({root / 'skipped.parquet'} says why)")
+    return manifest
+
+
+def settings_sha256(root: str | Path) -> str:
+    """Checksum of a store's settings (encoder, its weights, preprocessing, pooling, width): two stores
+    with the same checksum hold embeddings that mean the same."""
+    settings = read_json(Path(root) / "settings.json")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 class EmbeddingStore:
     """Read side of a finished store: memory-mapped shards plus a per-subject, time-sorted index.
 
@@ -86,7 +112,7 @@ class EmbeddingStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.manifest = read_store_manifest(self.root)
         self.encoder, self.modality = self.manifest["encoder"], self.manifest["modality"]
         self.d_enc, self.n_prefix = int(self.manifest["d_enc"]), int(self.manifest["n_prefix"])
         idx = pl.read_parquet(

@@ -26,7 +26,7 @@ def generate(out: str | Path, cfg: SynthConfig) -> Path:
     """Write a synthetic cohort to `out` (atomically; manifest last). Returns `out`."""
     out = Path(out)
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, stage="synth") as tmp:
         meds = tmp / "meds"
         writer = ModalityWriter(tmp, cfg) if cfg.modalities else None
         truth: list[pl.DataFrame] = []  # one frame per chunk: compact, so memory stays bounded

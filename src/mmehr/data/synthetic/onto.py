@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mmehr.data.synthetic.config import PREVALENCE, SynthConfig, _logit, _sigmoid
 from mmehr.data.synthetic.stays import TRUTH_SCHEMA, IcuStay, Stay, truth_rows
 from mmehr.data.synthetic.writers import ModalityWriter
-from mmehr.io import MANIFEST, atomic_path, write_json
+from mmehr.io import MANIFEST, atomic_path, check_output, write_json
 from mmehr.units import DAY_US, HOUR_US
 
 
@@ -148,6 +148,7 @@ def generate_onto(
 ) -> Path:
     """Write modality roots aligned to the stays of an existing MEDS dataset (no MEDS is written)."""
     out, meds_root = Path(out), Path(meds_root)
+    check_output(out, "synth", inputs=[meds_root])  # before reading the stays, not after
     t0 = time.perf_counter()
     subjects = read_stays(meds_root, max_subjects)
     if not subjects:
@@ -161,7 +162,7 @@ def generate_onto(
     if split_file.is_file():
         sp = pl.read_parquet(split_file)
         split_of_sid = dict(zip(sp["subject_id"].to_list(), sp["split"].to_list()))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, stage="synth", inputs=[meds_root]) as tmp:
         writer = ModalityWriter(tmp, cfg)
         truth: list[dict] = []
         for i, stays in enumerate(tqdm(subjects, desc="synth --onto", unit="subj")):

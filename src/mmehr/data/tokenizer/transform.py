@@ -4,7 +4,6 @@ transform of one shard's MEDS rows into token timelines (TokenizedShard)."""
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mmehr.data.tokenizer.normalize import Normalizer
 from mmehr.data.tokenizer.presets import Preset, needed_columns, preset_from_dict, static_columns
 from mmehr.data.tokenizer.tokens import NO_TIME, QUANTILES, UNK, UNK_SUFFIX, _gap_pieces
 from mmehr.data.tokenizer.vocab import Vocab
+from mmehr.io import read_json
 from mmehr.units import SIX_MONTHS_US
 
 CHUNK_ROWS = 1 << 20  # rows assembled at a time, so working memory does not grow with shard size
@@ -327,7 +327,7 @@ class Tokenizer:
         preset = preset_from_dict(
             load_yaml(directory / "tokenizer.yaml"), where=str(directory / "tokenizer.yaml")
         )
-        stats = json.loads((directory / "stats.json").read_text())
+        stats = read_json(directory / "stats.json")
         return cls(preset, Vocab.load(directory / "vocab.json"), stats)
 
 

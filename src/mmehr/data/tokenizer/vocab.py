@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from mmehr.data.tokenizer.tokens import INTERVAL_TOKENS, KINDS, PAD, QUANTILES, TIMELINE_END, UNK
+from mmehr.io import read_json
 
 
 class Vocab:
@@ -89,4 +89,8 @@ class Vocab:
         path = path / "vocab.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no vocab.json (run `mmehr tokenize` first)")
-        return cls.from_dict(json.loads(path.read_text()))
+        d = read_json(path)
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not an mmehr vocabulary ({type(e).__name__}: {e})") from None
