@@ -121,6 +121,8 @@ class Check:
             try:
                 row.update(fn())
                 row.setdefault("status", "ok")
+            except ModuleNotFoundError as e:  # an optional package this machine lacks: not a failure of mmehr
+                row["status"] = f"not run: {e} (see benchmarks/gpu_wheels.sh)"
             except Exception as e:  # recorded, and the run goes on: one broken case must not hide the rest
                 row["status"] = (
                     f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -164,7 +166,7 @@ def environment(check: Check) -> dict:
     if check.cuda:
         p = torch.cuda.get_device_properties(check.device)
         meta.update(gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_gb=round(p.total_memory / 1e9, 1),
-                    cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())))  # fmt: skip
+                    cuda=torch.version.cuda, nccl=str(torch.cuda.nccl.version()))  # fmt: skip
     else:
         meta.update(gpu="none (CPU run at tiny sizes: its figures only show that the code runs)")
     check.meta = meta
