@@ -245,7 +245,8 @@ def compare(python: Path, demo: Path, work: Path, s: dict) -> list[dict]:
 
     params = {"threads": THREADS, "batch": s["batch"], "context": s["context"], "steps": s["steps"]}
     m, t = mmehr_side("train", work / "timelines", params), peer(python, "train", work / "eic-data", params)
-    same = mmehr_side("train", work / "timelines", {**params, "vocab": t["vocab_size"]})
+    vocab = t["vocab_size"]
+    same = mmehr_side("train", work / "timelines", {**params, "vocab": vocab})
     rows.append(pair(f"training, 2 x 128, {s['batch']} windows x {s['context']}", m, t, "tokens_per_s"))
     rows.append(pair("  mmehr's model step at the peer's vocabulary size", same, t, "tokens_per_s"))
     rows.append(pair("  tokens per step (real)", m, t, "tokens_per_step", ratio=False))
@@ -257,7 +258,7 @@ def compare(python: Path, demo: Path, work: Path, s: dict) -> list[dict]:
             mmehr_side("generate", work / "timelines", params),
             peer(python, "generate", work / "eic-data", params),
         )
-        same = mmehr_side("generate", work / "timelines", {**params, "vocab": t["vocab_size"]})
+        same = mmehr_side("generate", work / "timelines", {**params, "vocab": vocab})
         case = f"generation, batch {b}, context {s['context']}, {s['new']} new"
         rows.append(pair(case, m, t, "generated_tok_per_s"))
         rows.append(pair("  mmehr at the peer's vocabulary size", same, t, "generated_tok_per_s"))
