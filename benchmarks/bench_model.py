@@ -78,6 +78,7 @@ def _build(case: dict):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.model = model  # for the fold A/B (benchmarks/ab_fold.py)
     events = {"ecg": (K, N)} if modalities else None
     return step, train_flops_per_token(model, T, events=events) * B * T
 

@@ -105,9 +105,13 @@ def counted_flops(c: torch.nn.Module, N: int, E: int = 2) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("mode", ["none", "mean", "latent"])
-def test_cost_is_linear_in_encoder_tokens(mode):
+@pytest.mark.parametrize(
+    ("mode", "fold"), [("none", None), ("mean", None), ("latent", False), ("latent", True)]
+)
+def test_cost_is_linear_in_encoder_tokens(mode, fold):
     c = compressor(mode, k=8, layers=4)
+    if fold is not None:
+        c.fold_media_kv = fold
     f = {N: counted_flops(c, N) for N in (16, 32, 64, 128)}
     assert all(f[N] == 2 * c.flops(N) for N in f)  # the analytic count is the counted one
     # f(N) = a + b N: every doubling adds twice what the previous one added.
@@ -117,3 +121,29 @@ def test_cost_is_linear_in_encoder_tokens(mode):
 def test_unknown_compression_is_rejected():
     with pytest.raises(ValueError, match=r"compression must be none\|mean\|latent, got 'max'"):
         build_compressor(ModalityConfig(8, "max"), D, HEADS)  # type: ignore[arg-type]
+
+
+def test_folded_media_keys_values_give_the_same_latents_and_gradients():
+    """Folding the media key/value projection into the queries is a speed choice only: same outputs and
+    same gradients (to float rounding) as projecting every media token, padding included."""
+    torch.manual_seed(0)
+    c = PerceiverResampler(D_ENC, 64, 4, n_latents=2, n_latent_layers=2)
+    assert c.fold_media_kv  # 2 * 4 * 2 = 16 < 64 + 4: the sizes choose the folded path
+    emb, mask = events(N=9)
+    weights = torch.randn(2, 3, 2, 64, generator=torch.Generator().manual_seed(1))  # a fixed linear loss
+    results = {}
+    for fold in (True, False):
+        c.fold_media_kv = fold
+        c.zero_grad()
+        out, _ = c(emb, mask)
+        (out * weights).sum().backward()
+        results[fold] = out, {n: p.grad.clone() for n, p in c.named_parameters()}
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[False][1].items():  # float32 rounding, relative to each gradient's scale
+        assert (results[True][1][name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+    assert results[True][1]["media_kv.weight"].abs().sum() > 0
+
+
+def test_the_cheaper_media_path_is_chosen_by_the_sizes():
+    assert PerceiverResampler(768, 768, 12, 8, 4).fold_media_kv  # the paper's sizes: 384 < 800
+    assert not PerceiverResampler(768, 64, 4, 16, 4).fold_media_kv  # 256 > 128: project once

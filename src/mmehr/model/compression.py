@@ -72,10 +72,55 @@ class MeanPool(nn.Module):
         return self.ln(self.proj(pooled)).unsqueeze(-2), token_mask.any(-1, keepdim=True)
 
 
+class ProjectedMedia:
+    """Media keys/values projected once per event: k, v (E, nh, N, hs). Costs O(N D^2) once."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def scores(self, q: Tensor) -> Tensor:
+        """q (E, nh, n_q, hs) -> q . k (E, nh, n_q, N)."""
+        return q @ self.k.transpose(-1, -2)
+
+    def mix(self, p: Tensor) -> Tensor:
+        """Attention weights p (E, nh, n_q, N) -> sum_j p_j v_j (E, nh, n_q, hs)."""
+        return p @ self.v
+
+
+class FoldedMedia:
+    """The same keys/values, never formed: each head's projection is moved to the queries' side.
+
+    For head h with key projection (W_h (hs, D), b_h): q . (W_h m_j + b_h) = (W_h^T q) . m_j + q . b_h, and
+    sum_j p_j (V_h m_j + c_h) = V_h (sum_j p_j m_j) + (sum_j p_j) c_h. The media m (E, N, D) are read
+    directly, so a layer costs O(nh n_q N D) instead of projecting all N tokens (O(N D^2)): cheaper while
+    n_latent_layers * nh * n_latents < D + n_latent_layers * n_latents. Same outputs to float rounding.
+    """
+
+    def __init__(self, media: Tensor, weight: Tensor, bias: Tensor | None, n_head: int):
+        D = media.shape[-1]
+        self.media, self.n_head, self.hs = media, n_head, D // n_head  # media (E, N, D)
+        w_k, w_v = weight.view(2, n_head, self.hs, D)  # each (nh, hs, D)
+        self.w_k, self.w_v = w_k, w_v
+        self.b_k, self.b_v = bias.view(2, n_head, self.hs) if bias is not None else (None, None)  # (nh, hs)
+
+    def scores(self, q: Tensor) -> Tensor:
+        E, nh, n_q, _ = q.shape
+        qk = torch.einsum("ehqc,hcd->ehqd", q, self.w_k)  # (E, nh, n_q, D): W_h^T q
+        s = (qk.reshape(E, nh * n_q, -1) @ self.media.transpose(1, 2)).view(E, nh, n_q, -1)  # (E, nh, n_q, N)
+        return s if self.b_k is None else s + (q * self.b_k[:, None, :]).sum(-1, keepdim=True)
+
+    def mix(self, p: Tensor) -> Tensor:
+        E, nh, n_q, N = p.shape
+        pm = (p.reshape(E, nh * n_q, N) @ self.media).view(E, nh, n_q, -1)  # (E, nh, n_q, D): sum_j p_j m_j
+        y = torch.einsum("ehqd,hcd->ehqc", pm, self.w_v)  # (E, nh, n_q, hs)
+        return y if self.b_v is None else y + p.sum(-1, keepdim=True) * self.b_v[:, None, :]
+
+
 class PerceiverAttention(nn.Module):
-    """Latents (E, n_latents, D) attend to concat(media, latents): media keys/values (E, nh, N, hs) are given
-    (computed once per event, shared by every layer), the latents' own are computed here. Padded media
-    tokens are masked; the latents are always visible, so no row is ever fully masked."""
+    """Latents (E, n_latents, D) attend to concat(media, latents): the media's keys/values (`ProjectedMedia`
+    or `FoldedMedia`, made once per event and shared by every layer) are given, the latents' own are
+    computed here. Padded media tokens are masked; the latents are always visible, so no row is ever
+    fully masked."""
 
     def __init__(self, n_embd: int, n_head: int, bias: bool = True):
         super().__init__()
@@ -85,7 +130,7 @@ class PerceiverAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.n_head = n_head
 
-    def forward(self, latents: Tensor, media_kv: tuple[Tensor, Tensor], media_mask: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, media: ProjectedMedia | FoldedMedia, media_mask: Tensor) -> Tensor:
         E, n_latents, D = latents.shape
         nh, hs = self.n_head, D // self.n_head
         lat = self.ln(latents)
@@ -93,26 +138,25 @@ class PerceiverAttention(nn.Module):
         lat_k, lat_v = (
             self.kv(lat).view(E, n_latents, 2, nh, hs).permute(2, 0, 3, 1, 4)
         )  # (E, nh, n_latents, hs)
-        media_k, media_v = media_kv  # each (E, nh, N, hs)
         # Few queries: explicit attention over [media, latents] without copying the N media keys/values.
-        scores_media = (q @ media_k.transpose(-1, -2)).masked_fill(
-            ~media_mask[:, None, None, :], float("-inf")
-        )
+        scores_media = media.scores(q).masked_fill(~media_mask[:, None, None, :], float("-inf"))
         scores = torch.cat(
             [scores_media, q @ lat_k.transpose(-1, -2)], dim=-1
         )  # (E, nh, n_latents, N + n_latents)
         p = scores.softmax(dim=-1)  # never a fully masked row: the latents are always there
-        N = media_k.shape[2]
-        y = p[..., :N] @ media_v + p[..., N:] @ lat_v  # (E, nh, n_latents, hs)
+        N = scores_media.shape[-1]
+        y = media.mix(p[..., :N]) + p[..., N:] @ lat_v  # (E, nh, n_latents, hs)
         return self.c_proj(y.transpose(1, 2).reshape(E, n_latents, D))
 
 
 class PerceiverResampler(nn.Module):
     """(..., N, d_enc) encoder tokens -> (..., n_latents, D) latents, after n_latent_layers Perceiver layers.
 
-    The media are projected to D, normalised and turned into keys/values ONCE per event; every layer
-    attends to those plus its own keys/values of the latents. So the cost is O(N d_enc D + N D^2) for the
-    media plus O(n_latent_layers N n_latents D) for attention, not O(n_latent_layers N D^2) as with
+    The media are projected to D and normalised ONCE per event, and one key/value projection of them is
+    shared by every layer (besides each layer's keys/values of the latents). So the cost is O(N d_enc D)
+    for the media plus, whichever is cheaper (`fold_media_kv`, fixed by the sizes): the media keys/values
+    once, O(N D^2), and O(n_latent_layers N n_latents D) for attention; or the projection folded into the
+    queries (`FoldedMedia`), O(n_latent_layers n_head n_latents N D). Not O(n_latent_layers N D^2) as with
     Flamingo's per-layer media projections (see docs/architecture.md for the measured difference).
     """
 
@@ -137,26 +181,38 @@ class PerceiverResampler(nn.Module):
         )
         self.ln = nn.LayerNorm(n_embd, bias=bias)
         self.n_head = n_head
+        # A pure speed choice (outputs agree to float rounding; tests check both ways): fold the media
+        # keys/values into the queries when that touches the N media tokens less.
+        self.fold_media_kv = n_latent_layers * n_head * n_latents < n_embd + n_latent_layers * n_latents
 
     def n_out(self, n_tokens: int) -> int:
         return self.latents.shape[0]
 
     def flops(self, n_tokens: int) -> float:
-        """Linear in N: the media's projection and keys/values once, then the layers over the latents."""
-        (n_latents, D), N = self.latents.shape, n_tokens
-        per_layer = 24 * n_latents * D * D + 4 * n_latents * (N + n_latents) * D  # q, kv, proj, MLP; scores
-        return 2.0 * N * self.proj.in_features * D + 4.0 * N * D * D + len(self.layers) * per_layer
+        """Linear in N: the media's projection, then the layers over the latents (keys/values as chosen)."""
+        (n_latents, D), N, nh, L = self.latents.shape, n_tokens, self.n_head, len(self.layers)
+        per_layer = (
+            24 * n_latents * D * D + 4 * n_latents * n_latents * D
+        )  # q, kv, proj, MLP; latents' scores
+        if self.fold_media_kv:  # W^T q and W (sum p m) per head, then scores and mix over the N media
+            media = L * (4 * n_latents * D * D + 4 * nh * n_latents * N * D)
+        else:  # the media keys/values once, then scores and mix over them per layer
+            media = 4 * N * D * D + L * 4 * n_latents * N * D
+        return 2.0 * N * self.proj.in_features * D + media + L * per_layer
 
     def forward(self, emb: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor]:
         lead, (N, d_enc) = emb.shape[:-2], emb.shape[-2:]
         media = self.ln_media(self.proj(emb.reshape(-1, N, d_enc).to(self.proj.weight.dtype)))  # (E, N, D)
         E, D = media.shape[0], media.shape[2]
-        kv = self.media_kv(media).view(E, N, 2, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        media_kv = (kv[0].contiguous(), kv[1].contiguous())  # each (E, nh, N, hs), shared by every layer
+        if self.fold_media_kv:
+            shared = FoldedMedia(media, self.media_kv.weight, self.media_kv.bias, self.n_head)
+        else:
+            kv = self.media_kv(media).view(E, N, 2, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+            shared = ProjectedMedia(kv[0].contiguous(), kv[1].contiguous())  # each (E, nh, N, hs)
         mask = token_mask.reshape(-1, N)
         x = self.latents.expand(E, -1, -1)  # (E, n_latents, D)
         for attn, ff in self.layers:
-            x = x + attn(x, media_kv, mask)
+            x = x + attn(x, shared, mask)
             x = x + ff(x)
         x = self.ln(x)
         n_latents = x.shape[1]
