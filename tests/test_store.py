@@ -327,7 +327,10 @@ def test_ecg_events_through_a_payload_loader(tmp_path):
         1
     ]
     emb, _ = enc.encode([(np.load(tmp_path / "ecg" / "4.npy"), 500.0)])
-    np.testing.assert_array_equal(got, emb[0].numpy().astype(np.float16))
+    # Encoded in a batch vs alone: float32 results may differ in their last bits (the matmul splits work
+    # by thread count and batch), which can move the stored fp16 value by one step, never more.
+    one_step = np.spacing(np.abs(got)).astype(np.float32)
+    assert np.all(np.abs(got.astype(np.float32) - emb[0].numpy()) <= one_step)
 
 
 def test_only_subjects_and_bad_inputs(events, enc, tmp_path):

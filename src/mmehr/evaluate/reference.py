@@ -7,9 +7,10 @@ the rollouts score. A sample's features are exactly what the model sees at its p
                  bag of codes: log(1 + count) of every token, and of every (code, decile) pair, so that a
                  lab with its value bin counts as one event (a bare decile token would not say which lab)
     <modality>   the up to K_m most recent events acquired strictly before the prediction time, each
-                 mean-pooled over its first `max_tokens` stored encoder tokens, averaged over the events,
-                 reduced to its first `n_components` principal components (fitted on train: a few
-                 thousand samples cannot fit hundreds of dense dimensions), plus the number of events
+                 mean-pooled over its first `max_tokens` stored encoder tokens: the latest event's and the
+                 average over the events, each reduced to its first `n_components` principal components
+                 (fitted on train: a few thousand samples cannot fit hundreds of dense dimensions), plus
+                 the number of events
 
 References: `ehr`, `ehr+<m>` for each enabled modality, and `ehr+all` when there are several. The
 regularisation strength is chosen by subject-grouped cross-validation on train. The references tell a
@@ -101,14 +102,16 @@ class PooledEvents:
         return self._pooled[row]
 
     def features(self, samples: pl.DataFrame) -> np.ndarray:
-        """(n, d_enc + 1): the events' mean embedding (zeros when none) and their count."""
-        out = np.zeros((samples.height, self.store.d_enc + 1), dtype=np.float32)
-        for n, (s, t) in enumerate(
-            zip(samples["subject_id"].to_list(), samples["prediction_time"].to_list())
-        ):
-            rows = self.store.rows_before(int(s), int(t), self.k)
+        """(n, 2 d_enc + 1): the latest event's pooled embedding, the mean over the K_m events (zeros when
+        none), and their count."""
+        d = self.store.d_enc
+        out = np.zeros((samples.height, 2 * d + 1), dtype=np.float32)
+        for n, (s, t) in enumerate(zip(samples["subject_id"].to_list(), samples["prediction_time"].to_list())):
+            rows = self.store.rows_before(int(s), int(t), self.k)  # most recent first
             if len(rows):
-                out[n, :-1] = np.mean([self._event(int(r)) for r in rows], axis=0)
+                pooled = [self._event(int(r)) for r in rows]
+                out[n, :d] = pooled[0]
+                out[n, d : 2 * d] = np.mean(pooled, axis=0)
                 out[n, -1] = len(rows)
         return out
 
@@ -157,15 +160,18 @@ def fit_references(
         for name, (store, s) in evaluated.items()
     }
     mods_train, mods_eval = {}, {}
-    for m in data.modality_stores:
+    for m, store in data.modality_stores.items():
         pooled = data.pooled(m)
         x = pooled.features(train_samples)
-        n = min(data.n_components, x.shape[1] - 1, x.shape[0] - 1)
-        emb = make_pipeline(StandardScaler(), PCA(n, random_state=0), StandardScaler()).fit(x[:, :-1])
+        d = store.d_enc
+        n = min(data.n_components, d - 1, x.shape[0] - 1)
+        latest = make_pipeline(StandardScaler(), PCA(n, random_state=0), StandardScaler()).fit(x[:, :d])
+        mean = make_pipeline(StandardScaler(), PCA(n, random_state=0), StandardScaler()).fit(x[:, d : 2 * d])
         count = StandardScaler().fit(x[:, -1:])
 
-        def reduce(x: np.ndarray, emb=emb, count=count) -> sp.csr_matrix:
-            return sp.csr_matrix(np.hstack([emb.transform(x[:, :-1]), count.transform(x[:, -1:])]))
+        def reduce(x: np.ndarray, latest=latest, mean=mean, count=count, d=d) -> sp.csr_matrix:
+            parts = [latest.transform(x[:, :d]), mean.transform(x[:, d : 2 * d]), count.transform(x[:, -1:])]
+            return sp.csr_matrix(np.hstack(parts))
 
         mods_train[m] = reduce(x)
         mods_eval[m] = {name: reduce(pooled.features(s)) for name, (_, s) in evaluated.items()}
