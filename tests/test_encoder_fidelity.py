@@ -333,3 +333,17 @@ def test_transformers_checkpoints_load_strictly(name, tmp_path):
     save_file(tensors | {"encoder.adapter.weight": torch.zeros(2)}, str(file), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"does not use: \S*adapter\.weight"):
         get_encoder(name, weights=path)
+
+
+def test_encode_options_are_parsed_as_yaml_values():
+    from mmehr.modalities.encode import parse_options
+
+    assert parse_options(
+        ["heads=12", "layer_norm_first=true", 'conv_feature_layers="[(256, 2, 2)] * 4"']
+    ) == {
+        "heads": 12,
+        "layer_norm_first": True,
+        "conv_feature_layers": "[(256, 2, 2)] * 4",
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_options(["heads"])

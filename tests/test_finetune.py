@@ -368,3 +368,33 @@ def test_a_finetuned_run_resumes_after_sigkill_and_evaluates(notes, demo_timelin
     assert proc.returncode == 0, proc.stderr[-3000:]
     pred = pl.read_parquet(out / "icu_mortality" / "predictions.parquet")
     assert pred.height == 4 and pred["predicted_boolean_probability"].is_between(0, 1).all()
+
+
+def test_ecg_payloads_reach_a_finetuned_ecg_fm_inside_the_model(tmp_path):
+    """Waveform events: the store's events come back as ECG-FM segments (B, K, S, 12, 2500) with their
+    segment mask, and the model trains through the encoder on them."""
+    rng = np.random.default_rng(0)
+    signals = {
+        f"e{i}": rng.standard_normal((12, n)).astype(np.float32) for i, n in enumerate([5000, 2600, 5000])
+    }
+    rows = [{"subject_id": 7, "time": 1000 * (i + 1), "modality": "ecg", "event_id": k, "payload": k}
+            for i, k in enumerate(signals)]  # fmt: skip
+    (tmp_path / "events").mkdir()
+    pl.DataFrame(rows).write_parquet(tmp_path / "events" / "events.parquet")
+    write_json(tmp_path / "events" / "manifest.json", {"source": "test"})
+    load = lambda _, row: (signals[row["payload"]], 500.0)  # noqa: E731
+    enc = get_encoder("ecg-fm", random_init=True, **TINY["ecg-fm"])
+    encode_events(tmp_path / "events", enc, tmp_path / "store", load_payload=load, progress=False, workers=0)
+    source = EventPayloads(tmp_path / "store", enc, load_payload=load)
+    inputs = source.fetch([7, 7, 8], [1500, 3500, 3500], 2)  # subject 8 has no ECG
+    assert inputs.event_mask.tolist() == [[True, False], [True, True], [False, False]]
+    assert inputs.payload["segments"].shape == (3, 2, 2, 12, 2500)
+    assert inputs.payload["segment_mask"][1].tolist() == [[True, True], [True, False]]  # 5.2 s: one segment
+    ref = enc.prepare([(signals["e2"], 500.0)])["segments"][0]
+    assert torch.equal(inputs.payload["segments"][1, 0], ref)  # most recent first
+    stored, _, _, _ = EmbeddingStore(tmp_path / "store").fetch([7], [3500], 2)
+    trainable = TrainableEncoder(get_encoder("ecg-fm", random_init=True, **TINY["ecg-fm"]), "last_n", 1)
+    emb, mask = trainable(**{k: v[1] for k, v in inputs.payload.items()})
+    n = int(mask[0].sum())
+    assert n == 312 and int(mask[1].sum()) == 156
+    np.testing.assert_allclose(emb[0, :n].detach().numpy(), stored[0, 0, :n].astype(np.float32), atol=5e-3)

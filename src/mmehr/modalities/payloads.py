@@ -8,7 +8,8 @@ but as the encoder's prepared inputs instead of stored embeddings:
                                                        event_mask (B, k), payload: name -> (B, k, ...))
 
 Payloads come from the events directory the store was encoded from (its manifest's `events_dir`, or the
-one given): note text from `events.parquet`, ECG and CXR files through `load_payload`. Each event is read
+one given): note text from `events.parquet`, ECG and CXR files through `load_payload` (as `mmehr encode`
+reads them; another reader can be given, with `encode_events`' signature). Each event is read
 and prepared (`encoder.check_payload`, then `encoder.prepare([payload])`: token ids, pixels, segments)
 once, on first use, and kept in an in-memory cache of at most `cache_bytes`, least recently used out first:
 note token ids take a few hundred bytes each, so a cohort's notes stay cached; a 224 x 224 CXR takes 600 kB
@@ -19,8 +20,9 @@ to the longest of the batch with the encoder's pad values (`FrozenEncoder.payloa
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -42,6 +44,7 @@ class EventPayloads:
         events_dir: str | Path | None = None,
         *,
         cache_bytes: int = 2 << 30,
+        load_payload: Callable[[Path, dict[str, Any]], Any] | None = None,
     ):
         self.store = EmbeddingStore(store_dir)
         self.root, self.encoder, self.modality = self.store.root, encoder, encoder.modality
@@ -70,7 +73,7 @@ class EventPayloads:
                 f"{lost[:3].to_list()}; was the store encoded from another events directory?"
             )
         self.rows = rows.drop("_row")
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.load_payload = cache_bytes, load_payload or load_event_payload
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
 
@@ -85,7 +88,7 @@ class EventPayloads:
             return hit
         row = self.rows.row(i, named=True)
         try:
-            payload = self.encoder.check_payload(load_event_payload(self.events_dir, row))
+            payload = self.encoder.check_payload(self.load_payload(self.events_dir, row))
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(
                 f"{self.events_dir}: event {row['event_id']} (in store {self.root}) cannot be read for the "

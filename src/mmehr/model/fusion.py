@@ -1,8 +1,9 @@
 """Gated, time-aligned cross-attention from EHR tokens to compressed modality events.
 
 `Fusion` is everything the multimodal model adds beside the GPT decoder (`mmehr.model.gpt.GPT` holds
-one when modalities are configured): per modality a compressor (`mmehr.model.compression`), and before
-every `xattn_every`-th decoder layer a gated cross-attention block.
+one when modalities are configured): per modality a compressor (`mmehr.model.compression`), before
+every `xattn_every`-th decoder layer a gated cross-attention block, and for a finetuned modality its
+encoder (`attach_encoders`), run on the events' raw payloads inside `encode_media`.
 
 Temporal alignment: token i (time t_i) sees media token j (of event e) only if event e is available
 (event_mask, and not dropped by modality dropout) and its acquisition time s_e < t_i, STRICTLY (an event
