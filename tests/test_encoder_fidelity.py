@@ -347,3 +347,22 @@ def test_encode_options_are_parsed_as_yaml_values():
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["heads"])
+
+
+def test_a_store_made_with_other_preprocessing_is_told_apart(tmp_path):
+    rng = np.random.default_rng(0)
+    events = tmp_path / "events"
+    events.mkdir()
+    pl.DataFrame(
+        [{"subject_id": 1, "time": 0, "modality": "ecg", "event_id": "e", "payload": "e"}]
+    ).write_parquet(events / "events.parquet")
+    write_json(events / "manifest.json", {"source": "test"})
+    signal = (rng.standard_normal((12, 2500)).astype(np.float32), 250.0)
+    tiny = dict(dim=16, depth=1, heads=1, dim_head=16, mlp_dim=32)
+    kw = dict(load_payload=lambda *_: signal, progress=False, workers=0)
+    raw = get_encoder("csfm", random_init=True, clean=False, **tiny)
+    encode_events(events, raw, tmp_path / "store", **kw)
+    cleaned = get_encoder("csfm", random_init=True, clean=True, **tiny)
+    assert cleaned.weights_checksum == raw.weights_checksum  # same weights, other preprocessing
+    with pytest.raises(ValueError, match=r"other settings \(differs in \['preprocessing'\]\)"):
+        encode_events(events, cleaned, tmp_path / "store", **kw)
