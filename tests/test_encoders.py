@@ -21,7 +21,16 @@ TINY = {
     "minilm": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "biomedclip": dict(dim=32, depth=2, heads=2),
     "vit-mae": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-    "ecg-fm": dict(conv_dim=16, dim=32, depth=2, heads=2, ffn_dim=64, conv_pos=16, conv_pos_groups=4),
+    "ecg-fm": dict(
+        conv_feature_layers="[(16, 2, 2)] * 4",
+        dim=32,
+        depth=2,
+        heads=2,
+        ffn_dim=64,
+        conv_pos=16,
+        conv_pos_groups=4,
+        layer_norm_first=False,
+    ),
     "csfm": dict(dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, clean=False),
 }
 REAL_TOKENS = {"biomedclip": 197, "vit-mae": 197, "ecg-fm": 312, "csfm": 1201}
@@ -243,6 +252,7 @@ def test_vit_mae_is_found_in_the_hf_cache(tmp_path, monkeypatch):
 
     snapshot = tmp_path / "hub" / "models--facebook--vit-mae-base" / "snapshots" / "abc123"
     ViTMAEModel(ViTMAEConfig(image_size=32, patch_size=8, **TINY["vit-mae"])).save_pretrained(snapshot)
+    (snapshot / "preprocessor_config.json").write_text('{"size": 32, "resample": 3}')
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -330,7 +340,10 @@ def test_ecg_fm_loads_a_fairseq_signals_checkpoint(form, tmp_path):
         {"model": model, "cfg": FairseqLikeCfg(), "optimizer_history": [{"lr": 1e-4}]}, tmp_path / "ecg.pt"
     )
 
-    enc = get_encoder("ecg-fm", weights=tmp_path / "ecg.pt", heads=2)  # the rest is read off the checkpoint
+    # no cfg["model"] in this checkpoint: heads, LayerNorm placement and conv strides are given, the rest
+    # read off the tensors
+    given = {k: TINY["ecg-fm"][k] for k in ("heads", "layer_norm_first", "conv_feature_layers")}
+    enc = get_encoder("ecg-fm", weights=tmp_path / "ecg.pt", **given)
     batch = payloads("ecg")
     emb, mask = enc.encode(batch)
     with torch.no_grad():

@@ -17,31 +17,37 @@ from torch import Tensor
 
 @dataclass
 class ModalityInputs:
-    """Up to K_m events of one modality per row, most recent first.
+    """Up to K_m events of one modality per row, most recent first, in one of two forms.
 
-    emb (B, K_m, N, d_enc) float encoder tokens (fp16 from the store is fine; padding must be finite);
-    token_mask (B, K_m, N) bool, valid encoder tokens; event_time (B, K_m) int64 µs, acquisition time;
-    event_mask (B, K_m) bool, event present (False = padding / absent).
+    Stored embeddings (a frozen encoder): emb (B, K_m, N, d_enc) float encoder tokens (fp16 from the store
+    is fine; padding must be finite) and token_mask (B, K_m, N) bool, valid encoder tokens.
+    Raw payloads (a finetuned encoder, run inside the model): payload, name -> tensor (B, K_m, ...), the
+    encoder's prepared inputs per event (token ids, pixels, waveform segments); emb and token_mask are None.
+    Both: event_time (B, K_m) int64 µs, acquisition time; event_mask (B, K_m) bool, event present (False =
+    padding / absent).
     """
 
-    emb: Tensor
-    token_mask: Tensor
+    emb: Tensor | None
+    token_mask: Tensor | None
     event_time: Tensor
     event_mask: Tensor
+    payload: dict[str, Tensor] | None = None
+
+    def _map(self, fn) -> ModalityInputs:
+        return ModalityInputs(
+            None if self.emb is None else fn(self.emb),
+            None if self.token_mask is None else fn(self.token_mask),
+            fn(self.event_time),
+            fn(self.event_mask),
+            None if self.payload is None else {k: fn(v) for k, v in self.payload.items()},
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ModalityInputs:
-        return ModalityInputs(
-            *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.emb, self.token_mask, self.event_time, self.event_mask)
-            )
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def select(self, rows: Tensor) -> ModalityInputs:
         """Rows (bool mask or index, repeats allowed)."""
-        return ModalityInputs(
-            self.emb[rows], self.token_mask[rows], self.event_time[rows], self.event_mask[rows]
-        )
+        return self._map(lambda t: t[rows])
 
 
 @dataclass

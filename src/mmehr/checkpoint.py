@@ -2,7 +2,8 @@
 
 A checkpoint is one directory:
 
-    model.safetensors   the model's weights (fp32; the tied LM head stored once)
+    model.safetensors   the model's weights (fp32; the tied LM head stored once), finetuned encoders included
+                        (`fusion.encoders.<modality>.*`)
     trainer_state.pt    optimizer state, step, data position, RNG state, validation bookkeeping: plain
                         tensors, numbers and strings, read back with torch.load(weights_only=True)
     config.yaml         the resolved run config (`mmehr.runconfig.TrainConfig`): model sizes, the timelines
@@ -34,7 +35,7 @@ import torch
 from mmehr.config import load_config, save_config
 from mmehr.io import MANIFEST, atomic_path, is_complete, read_json, read_manifest, stage_of, write_json
 from mmehr.model.gpt import GPT
-from mmehr.runconfig import TrainConfig
+from mmehr.runconfig import TrainConfig, finetune_encoders
 
 WEIGHTS, STATE, CONFIG, VOCAB = "model.safetensors", "trainer_state.pt", "config.yaml", "vocab.json"
 
@@ -247,6 +248,8 @@ def load_model(
     """
     directory = resolve_checkpoint(checkpoint_dir, which)
     config = load_config_of(directory)
-    model = GPT(config.model)
+    model = GPT(
+        config.model, encoders=finetune_encoders(config)
+    )  # a finetuned encoder's weights are in the file
     load_weights(model, directory)
     return model.to(device).eval(), config

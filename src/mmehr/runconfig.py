@@ -7,22 +7,29 @@
     run:    output, seed, device, logging, checkpoints
 
 `resolve_config` validates a raw mapping and fills what the data determines (absolute paths, vocab size,
-each modality's encoder width, and what each store holds: modality, encoder, settings checksum); `modality_stores` opens the stores a resolved config names. Training
+each modality's encoder width, and what each store holds: modality, encoder, settings checksum);
+`modality_stores` opens the stores a resolved config names (for a finetuned modality, the payloads of the
+store's events) and `finetune_encoders` builds the encoders that run inside the model. Training
 (`mmehr.train`) and evaluation (`mmehr.evaluate`) both read a run through this module, never each other.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from mmehr.config import ConfigError, apply_overrides, from_dict, load_yaml
 from mmehr.io import read_manifest
+from mmehr.modalities.encoders import FrozenEncoder, get_encoder
+from mmehr.modalities.payloads import EventPayloads
 from mmehr.modalities.sources import SOURCES
 from mmehr.modalities.store import EmbeddingStore, read_store_manifest, settings_sha256
-from mmehr.model.config import ModelConfig
+from mmehr.model.config import ModelConfig, parse_finetune
 
 
 @dataclass
@@ -34,6 +41,11 @@ class ModalityData:
     so a run records them and evaluation refuses a store that changed): modality (a slot named ecg, cxr
     or note holds that modality), encoder, and settings_sha256 (the store's encoder weights,
     preprocessing and pooling: `mmehr.modalities.store.settings_sha256`).
+
+    Used only when the model finetunes this modality's encoder (model.fusion.modalities.<m>.finetune):
+    events, the `mmehr index` directory the store was encoded from (default: the one its manifest names);
+    weights and encoder_options, how to build the same encoder as the store's (as `mmehr encode --weights
+    ... --set ...`); its weights checksum and preprocessing must equal the store's.
     """
 
     store: str
@@ -43,6 +55,9 @@ class ModalityData:
     enabled: bool = True
     modality: str = ""
     settings_sha256: str = ""
+    events: str = ""
+    weights: str = ""
+    encoder_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,8 +91,9 @@ class OptimConfig:
 
 @dataclass
 class TrainableConfig:
-    """What is trained. The frozen encoders never are (their outputs are stored). freeze_decoder trains only
-    compression + cross-attention (Flamingo-style), normally starting from an EHR-only run via init_from."""
+    """What is trained. Frozen encoders never are (their outputs are stored); a finetuned one trains as its
+    model.fusion.modalities.<m>.finetune says. freeze_decoder trains only compression + cross-attention
+    (and finetuned encoders), Flamingo-style, normally starting from an EHR-only run via init_from."""
 
     init_from: str = ""  # a checkpoint, or a run directory (its best checkpoint, else its final one)
     freeze_decoder: bool = False
@@ -146,6 +162,18 @@ def resolve_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
             modality=store["modality"], encoder=store["encoder"], settings_sha256=settings_sha256(m["store"])
         )
         spec = dict(model_mods.get(name) or {})
+        try:
+            finetuned = parse_finetune(spec.get("finetune", "frozen"))[0] != "frozen"
+        except ValueError as e:
+            raise ConfigError(f"{where}: model.fusion.modalities.{name}: {e}") from None
+        for key in ("events", "weights"):
+            if m.get(key):
+                m[key] = str(Path(m[key]).resolve())
+        if finetuned and not (m.get("events") or store.get("events_dir")):
+            raise ConfigError(
+                f"{where}: model.fusion.modalities.{name} is finetuned, but {m['store']} does not say which events "
+                f"directory it was encoded from: set data.modalities.{name}.events"
+            )
         if spec.setdefault("d_enc", store["d_enc"]) != store["d_enc"]:
             raise ConfigError(
                 f"{where}: model.fusion.modalities.{name}.d_enc {spec['d_enc']} != {store['d_enc']} of {m['store']}"
@@ -194,15 +222,26 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     return resolve_config(raw, str(path) if path else "config")
 
 
-def modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore]:
-    """The embedding store of every enabled modality, checked against what the run recorded: modality,
-    encoder, settings and width (a run resolved before these were recorded checks the width only)."""
-    stores = {}
+def modality_stores(config: TrainConfig) -> dict[str, EmbeddingStore | EventPayloads]:
+    """The source of every enabled modality's events: its embedding store, checked against what the run
+    recorded (modality, encoder, settings and width; a run resolved before these were recorded checks the
+    width only), or for a finetuned modality the payloads of that store's events (`EventPayloads`)."""
+    stores: dict[str, EmbeddingStore | EventPayloads] = {}
     for name, m in config.model.fusion.modalities.items():
         data = config.data.modalities[name]
-        store = stores[name] = EmbeddingStore(data.store)
         recorded = {"store": data.store, "modality": data.modality, "encoder": data.encoder,
                     "settings_sha256": data.settings_sha256}  # fmt: skip
+        if m.finetune != "frozen":
+            _check_store(
+                recorded,
+                name,
+                read_store_manifest(data.store),
+                settings_sha256(Path(data.store)),
+                "the run's config",
+            )
+            stores[name] = EventPayloads(data.store, _store_encoder(config, name), data.events or None)
+            continue
+        store = stores[name] = EmbeddingStore(data.store)
         _check_store(recorded, name, store.manifest, settings_sha256(store.root), "the run's config")
         if store.d_enc != m.d_enc:
             raise ValueError(f"{store.root}: d_enc {store.d_enc} != the model's {m.d_enc}")
@@ -225,3 +264,62 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if key in _NOT_COMPARED or (key.rsplit(".", 1)[-1] in _RECORDED_LATER and saved in ("", None)):
         return []
     return [] if saved == current else [key]
+
+
+def finetune_encoders(config: TrainConfig) -> dict[str, torch.nn.Module]:
+    """A fresh `TrainableEncoder` for every finetuned modality (for `GPT(config.model, encoders=...)`): the
+    store's encoder, pooled and truncated as the store and data.modalities.<m>.max_tokens are, with the
+    LoRA adapters initialised from run.seed."""
+    from mmehr.modalities.finetune import TrainableEncoder
+
+    encoders = {}
+    for name in config.model.fusion.finetuned():
+        data, settings = config.data.modalities[name], read_manifest(config.data.modalities[name].store)
+        limits = [n for n in (settings.get("token_limit"), data.max_tokens) if n]
+        mode, n = parse_finetune(config.model.fusion.modalities[name].finetune)
+        encoders[name] = TrainableEncoder(
+            _build_encoder(config, name, settings), mode, n, stride_pool=int(settings.get("stride_pool", 1)),
+            max_tokens=min(limits) if limits else None, seed=config.run.seed,
+        )  # fmt: skip
+    return encoders
+
+
+def _build_encoder(config: TrainConfig, name: str, settings: dict[str, Any]) -> FrozenEncoder:
+    """The store's encoder, built again from data.modalities.<name> (weights, encoder_options): it must be
+    the same one (weights checksum) with the same preprocessing as the store, or this fails saying so."""
+    data = config.data.modalities[name]
+    encoder = get_encoder(settings["encoder"], weights=data.weights or None, **data.encoder_options)
+    where = f"data.modalities.{name}"
+    if encoder.weights_checksum != settings["weights_checksum"]:
+        raise ValueError(
+            f"{where}: the {encoder.name} encoder built from weights={data.weights or '(default)'} and "
+            f"encoder_options={data.encoder_options} is not the one {data.store} was encoded with "
+            f"(weights checksum {encoder.weights_checksum} != {settings['weights_checksum']}); give the same "
+            "weights and options as `mmehr encode` had"
+        )
+    if encoder.preprocessing != settings["preprocessing"]:
+        diff = sorted(
+            k
+            for k in set(encoder.preprocessing) | set(settings["preprocessing"])
+            if encoder.preprocessing.get(k) != settings["preprocessing"].get(k)
+        )
+        raise ValueError(
+            f"{where}: {data.store} was encoded with other preprocessing than {encoder.name} now does (differs in "
+            f"{diff}); encode the store again so that frozen and finetuned runs see the same inputs"
+        )
+    return encoder
+
+
+_STORE_ENCODERS: dict[str, FrozenEncoder] = {}  # built once per process; used only for `prepare`
+
+
+def _store_encoder(config: TrainConfig, name: str) -> FrozenEncoder:
+    """The encoder whose preprocessing makes a finetuned modality's payloads; one per (store, weights,
+    options) in a process (it serves only `prepare`: the model's encoder is a separate, fresh module)."""
+    data = config.data.modalities[name]
+    key = json.dumps([data.store, data.weights, data.encoder_options], sort_keys=True, default=str)
+    if key not in _STORE_ENCODERS:
+        if len(_STORE_ENCODERS) >= 8:
+            _STORE_ENCODERS.clear()
+        _STORE_ENCODERS[key] = _build_encoder(config, name, read_manifest(data.store))
+    return _STORE_ENCODERS[key]

@@ -62,7 +62,14 @@ from mmehr.distributed import Distributed, set_threads
 from mmehr.io import MANIFEST, OutputLock, check_output, mark_output, read_manifest, write_json
 from mmehr.model.accounting import batch_train_flops, parameter_counts
 from mmehr.model.gpt import GPT
-from mmehr.runconfig import OptimConfig, TrainConfig, config_differences, load_train_config, modality_stores
+from mmehr.runconfig import (
+    OptimConfig,
+    TrainConfig,
+    config_differences,
+    finetune_encoders,
+    load_train_config,
+    modality_stores,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces of the trainer
@@ -147,8 +154,9 @@ class Trainer:
         self.vocab_path = Path(config.data.timelines) / "vocab.json"
         self.vocab_sha256 = sha256_file(self.vocab_path)
 
+        encoders = finetune_encoders(config)  # built first: they must not move the model's initialisation
         torch.manual_seed(r.seed)
-        self.raw = GPT(config.model)
+        self.raw = GPT(config.model, encoders=encoders)
         self.initialised_from: list[str] = []  # names of the tensors copied from train.init_from
         if config.train.init_from:
             self.initialised_from = init_from(self.raw, config.train.init_from, self.vocab_sha256)

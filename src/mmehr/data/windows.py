@@ -7,7 +7,8 @@ One row of a batch is built the same way for training and for evaluation (`assem
     targets  = the next token at each position; loss_mask is False at static and padding positions
     modalities: per enabled modality, the up to K_m most recent events of the subject acquired STRICTLY
                 before the row's retrieval time (training: the time of the last input token; evaluation:
-                the prediction time), most recent first, from its `EmbeddingStore`
+                the prediction time), most recent first, from its `EmbeddingStore` (stored embeddings) or,
+                for a finetuned encoder, its `EventPayloads` (the same events as raw prepared payloads)
 
 Retrieval only chooses which events a row carries; the model's per-token strict mask
 (`event_time < t_i`) then decides what each position sees, so a token never sees an event acquired at or
@@ -33,7 +34,10 @@ import torch
 
 from mmehr.batch import Batch, ModalityInputs
 from mmehr.data.timelines import TimelineStore
+from mmehr.modalities.payloads import EventPayloads
 from mmehr.modalities.store import EmbeddingStore
+
+ModalitySource = EmbeddingStore | EventPayloads  # stored embeddings, or payloads for a finetuned encoder
 
 NEVER = np.iinfo(np.int64).max  # a retrieval time after every event (unsafe_ignore_event_time)
 
@@ -45,7 +49,7 @@ def _k_for(k_max: int | Mapping[str, int], name: str) -> int:
 def assemble(
     store: TimelineStore,
     spans: Sequence[tuple[int, int, int]],
-    modality_stores: Mapping[str, EmbeddingStore] | None = None,
+    modality_stores: Mapping[str, ModalitySource] | None = None,
     k_max: int | Mapping[str, int] = 4,
     *,
     last_is_target: bool,
@@ -95,6 +99,9 @@ def assemble(
         at = np.full(B, NEVER, dtype=np.int64)
     modalities = {}
     for name, ms in (modality_stores or {}).items():
+        if isinstance(ms, EventPayloads):  # a finetuned encoder: raw payloads, encoded inside the model
+            modalities[name] = ms.fetch(subject_ids, at, _k_for(k_max, name))
+            continue
         n_tokens = (max_tokens or {}).get(name)
         emb, token_mask, event_time, event_mask = ms.fetch(subject_ids, at, _k_for(k_max, name), n_tokens)
         modalities[name] = ModalityInputs(
@@ -122,7 +129,7 @@ def context_batch(
     subject_index: int,
     end: int,
     max_len: int,
-    modality_stores: Mapping[str, EmbeddingStore] | None = None,
+    modality_stores: Mapping[str, ModalitySource] | None = None,
     k_max: int | Mapping[str, int] = 4,
     at_time_us: int | None = None,
     *,
@@ -163,7 +170,7 @@ class TrainWindows:
         self,
         store: TimelineStore,
         block_size: int,
-        modality_stores: Mapping[str, EmbeddingStore] | None = None,
+        modality_stores: Mapping[str, ModalitySource] | None = None,
         k_max: int | Mapping[str, int] = 4,
         *,
         max_tokens: Mapping[str, int | None] | None = None,

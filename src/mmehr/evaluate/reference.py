@@ -106,7 +106,9 @@ class PooledEvents:
         none), and their count."""
         d = self.store.d_enc
         out = np.zeros((samples.height, 2 * d + 1), dtype=np.float32)
-        for n, (s, t) in enumerate(zip(samples["subject_id"].to_list(), samples["prediction_time"].to_list())):
+        for n, (s, t) in enumerate(
+            zip(samples["subject_id"].to_list(), samples["prediction_time"].to_list())
+        ):
             rows = self.store.rows_before(int(s), int(t), self.k)  # most recent first
             if len(rows):
                 pooled = [self._event(int(r)) for r in rows]

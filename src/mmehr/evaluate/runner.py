@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 from mmehr.config import to_dict
 from mmehr.data.timelines import TimelineStore
-from mmehr.data.windows import assemble
+from mmehr.data.windows import ModalitySource, assemble
 from mmehr.distributed import Distributed
 from mmehr.evaluate.sampler import STOP_REASONS, RolloutRules, SamplerSettings, sample_rollouts
 from mmehr.evaluate.tasks import TaskConfig, TaskTokens, task_samples, to_label_table
 from mmehr.io import atomic_path, read_json, write_json
-from mmehr.modalities.store import EmbeddingStore
 from mmehr.model.gpt import GPT
 
 PREDICTION_SCHEMA = pa.schema(
@@ -56,7 +55,8 @@ ROLLOUT_COLUMNS = {
 
 @dataclass
 class EvalData:
-    """Where contexts come from: the tokenized timelines and the modality embedding stores.
+    """Where contexts come from: the tokenized timelines and the modality embedding stores (or, for a
+    finetuned encoder, its events' payloads: the model encodes them, as in training).
 
     context_tokens: tokens per context, static prefix included (<= the model's block_size); k_max and
     max_tokens: events per modality and encoder tokens per event, as in training.
@@ -64,7 +64,7 @@ class EvalData:
 
     timelines: Path
     context_tokens: int
-    modality_stores: dict[str, EmbeddingStore] = field(default_factory=dict)
+    modality_stores: dict[str, ModalitySource] = field(default_factory=dict)
     k_max: int | dict[str, int] = 4
     max_tokens: dict[str, int | None] | None = None
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from mmehr.io import (
@@ -316,10 +317,12 @@ def _encode_into(
     (root / MANIFEST).unlink(missing_ok=True)  # the store is changing: not trustworthy until finalised
 
     load = load_payload or load_event_payload
+    # the encoder's own check (e.g. ECG-FM: a whole segment); stand-in encoders only have the modality's
+    check = getattr(encoder, "check_payload", None) or (lambda p: check_payload(encoder.modality, p))
 
     def load_one(row: dict[str, Any]) -> Any:
         try:
-            return check_payload(encoder.modality, load(events_dir, row))
+            return check(load(events_dir, row))
         except (OSError, ValueError, KeyError) as e:  # unreadable, corrupt or missing payload: skip it
             return e
 
@@ -452,6 +455,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", required=True, choices=list(REGISTRY), help="frozen encoder name")
     parser.add_argument("--out", required=True, help="store directory (resumed if it exists)")
     parser.add_argument("--weights", help="local weights file or directory of a pretrained encoder")
+    parser.add_argument("--set", dest="options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="encoder options (YAML values), e.g. --set heads=12 layer_norm_first=true for an ECG-FM "
+                             "checkpoint without its cfg")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="events per encoder call (default 32)")
     parser.add_argument("--max-tokens", type=int, help="keep at most N tokens per event (after pooling)")
     parser.add_argument(
@@ -467,10 +473,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` encoder options, values parsed as YAML (true, 12, 0.5, "[(256, 2, 2)] * 4")."""
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(raw)
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     read_manifest(args.events)  # a missing/unfinished events directory fails before any work
     only = read_subject_list(args.only_subjects) if args.only_subjects else None
-    encoder = get_encoder(args.encoder, weights=args.weights)  # missing weights fail here, before any work
+    options = parse_options(args.options)
+    encoder = get_encoder(
+        args.encoder, weights=args.weights, **options
+    )  # missing weights fail before any work
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     encoder.to(device)
     encode_events(

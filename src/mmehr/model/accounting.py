@@ -19,12 +19,13 @@ def _count(module: nn.Module | None) -> int:
 
 def parameter_counts(model: GPT) -> dict[str, int]:
     """Parameters of the decoder (embeddings included; the LM head is tied to the token embedding), the
-    compressors, the cross-attention blocks, and in total."""
+    compressors, the cross-attention blocks, the finetuned encoders, and in total."""
     fusion = model.fusion
     parts = {
         "decoder": _count(model.transformer),
         "compression": _count(fusion.compressors) + _count(fusion.modality_embedding) if fusion else 0,
         "cross_attention": _count(fusion.xattn) + _count(fusion.time_bias) if fusion else 0,
+        "encoders": _count(fusion.encoders) if fusion else 0,
     }
     parts["total"] = _count(model)
     return parts
@@ -74,5 +75,16 @@ def batch_train_flops(model: GPT, batch: Batch) -> float:
     """Training FLOPs of one micro-batch: its rows at its length, with the events it actually carries
     (present events per row, encoder tokens per event)."""
     B, T = batch.tokens.shape
-    events = {name: (float(m.event_mask.sum()) / B, m.emb.shape[2]) for name, m in batch.modalities.items()}
+    events = {
+        name: (float(m.event_mask.sum()) / B, _tokens_per_event(model, name, m))
+        for name, m in batch.modalities.items()
+    }
     return 3.0 * sum(forward_flops(model, T, events).values()) * B
+
+
+def _tokens_per_event(model: GPT, name: str, m) -> int:
+    """N of a modality's events: the stored embeddings' width, or a finetuned encoder's `max_tokens` (its
+    own FLOPs are not counted: model FLOP/s then covers the decoder, compression and cross-attention)."""
+    if m.emb is not None:
+        return m.emb.shape[2]
+    return int(getattr(model.fusion.encoders[name], "max_tokens", 1))

@@ -8,14 +8,35 @@ In a run config (YAML) these are the `model:` section and its `fusion:` subsecti
         xattn_every: 2
         modalities:
           note: {compression: latent, n_latents: 8, n_latent_layers: 1}   # ModalityConfig (d_enc: filled)
+          # finetune: frozen (default) | last_n:N | lora:R  (docs/finetuning.md)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 COMPRESSIONS = ("none", "mean", "latent")
+FINETUNE_MODES = ("frozen", "last_n", "lora")
+
+
+def parse_finetune(value: Any) -> tuple[str, int]:
+    """A finetune option -> (mode, n): "frozen" -> ("frozen", 0); "last_n:2" or {"last_n": 2} -> ("last_n",
+    2), the last 2 encoder blocks train; "lora:8" or {"lora": 8} -> ("lora", 8), LoRA adapters of rank 8."""
+    if isinstance(value, dict) and len(value) == 1:
+        (mode, n), text = next(iter(value.items())), str(value)
+    elif isinstance(value, str):
+        mode, _, n = value.partition(":")
+        mode, n, text = mode.strip(), n.strip() or "0", value
+    else:
+        raise ValueError(f"finetune must be frozen, last_n:N or lora:R, got {value!r}")
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"finetune {text!r}: {n!r} is not an integer") from None
+    if mode not in FINETUNE_MODES or (mode == "frozen") != (n == 0) or n < 0:
+        raise ValueError(f"finetune must be frozen, last_n:N or lora:R with N, R >= 1, got {text!r}")
+    return mode, n
 
 
 @dataclass
@@ -25,14 +46,25 @@ class ModalityConfig:
     compression: `none` keeps all N encoder tokens (projected to n_embd), `mean` pools them into one token,
     `latent` resamples them into `n_latents` tokens (the paper's k) with `n_latent_layers` (the paper's l)
     Perceiver layers. d_enc is filled from the modality's embedding store.
+
+    finetune: `frozen` reads the embedding store; `last_n:N` trains the encoder's last N blocks and `lora:R`
+    trains LoRA adapters of rank R in all its blocks' linear layers: the encoder then runs inside the model
+    on raw payloads (the model is given its module, `GPT(config, encoders=...)`). finetune_lr_scale
+    multiplies the learning rate of the encoder's trainable parameters.
     """
 
     d_enc: int
     compression: Literal["none", "mean", "latent"] = "latent"
     n_latents: int = 8
     n_latent_layers: int = 4
+    finetune: str | dict[str, int] = "frozen"
+    finetune_lr_scale: float = 0.1
 
     def __post_init__(self) -> None:
+        mode, n = parse_finetune(self.finetune)
+        self.finetune = mode if mode == "frozen" else f"{mode}:{n}"  # one spelling, saved with the run
+        if self.finetune_lr_scale <= 0:
+            raise ValueError(f"finetune_lr_scale must be > 0, got {self.finetune_lr_scale}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be none|mean|latent, got {self.compression!r}")
         if self.d_enc < 1 or self.n_latents < 1 or self.n_latent_layers < 1:
@@ -73,6 +105,10 @@ class FusionConfig:
             raise ValueError(f"gate must be 'sigmoid' or 'tanh', got {self.gate!r}")
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+
+    def finetuned(self) -> list[str]:
+        """The modalities whose encoder runs inside the model (finetune other than `frozen`)."""
+        return [name for name, m in self.modalities.items() if m.finetune != "frozen"]
 
     def xattn_layers(self, n_layer: int) -> list[int]:
         """Decoder layers preceded by a gated cross-attention block (none without modalities)."""

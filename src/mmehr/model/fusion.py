@@ -1,8 +1,9 @@
 """Gated, time-aligned cross-attention from EHR tokens to compressed modality events.
 
 `Fusion` is everything the multimodal model adds beside the GPT decoder (`mmehr.model.gpt.GPT` holds
-one when modalities are configured): per modality a compressor (`mmehr.model.compression`), and before
-every `xattn_every`-th decoder layer a gated cross-attention block.
+one when modalities are configured): per modality a compressor (`mmehr.model.compression`), before
+every `xattn_every`-th decoder layer a gated cross-attention block, and for a finetuned modality its
+encoder (`attach_encoders`), run on the events' raw payloads inside `encode_media`.
 
 Temporal alignment: token i (time t_i) sees media token j (of event e) only if event e is available
 (event_mask, and not dropped by modality dropout) and its acquisition time s_e < t_i, STRICTLY (an event
@@ -16,6 +17,7 @@ tokens (d_enc wide), each compressed to n_out tokens; M = the media tokens of a 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +183,22 @@ class Fusion(nn.Module):
         layers = fusion.xattn_layers(config.n_layer)
         self.xattn = nn.ModuleDict({str(i): GatedCrossAttentionBlock(config, fusion) for i in layers})
         self.time_bias = RelativeTimeBias(config.n_head) if fusion.time_bias else None
+        self.encoders = nn.ModuleDict()  # finetuned modalities' encoders (attach_encoders)
+
+    def attach_encoders(self, encoders: Mapping[str, nn.Module]) -> None:
+        """Give every finetuned modality its encoder module (built by the layer above: mmehr.runconfig).
+
+        Contract: encoder(**payload) with the tensors of `ModalityInputs.payload` flattened to (E, ...) over
+        the E present events -> (emb (E, N, d_enc) float, mask (E, N) bool, valid tokens first). The module's
+        own parameters say what trains (requires_grad); its weights become part of the model's state dict.
+        """
+        wanted = set(self.fusion.finetuned())
+        if set(encoders) != wanted:
+            raise ValueError(
+                f"finetuned modalities {sorted(wanted)} need exactly their encoders; got {sorted(encoders)}"
+            )
+        for name in sorted(encoders):
+            self.encoders[name] = encoders[name]
 
     # -- media: once per batch --
     def encode_media(
@@ -205,14 +223,18 @@ class Fusion(nn.Module):
             if inp is None:
                 continue
             self._check_inputs(name, inp, batch_size)
-            present = inp.event_mask & inp.token_mask.any(-1)  # (B, K_m)
-            if self.training and self.fusion.modality_dropout > 0:
+            present = inp.event_mask if inp.payload is not None else inp.event_mask & inp.token_mask.any(-1)
+            if self.training and self.fusion.modality_dropout > 0:  # present: (B, K_m)
                 keep = torch.rand(present.shape, device=present.device) >= self.fusion.modality_dropout
                 present = present & keep
             if not bool(present.any()):
                 continue
             B, K = present.shape
-            out, mask = compressor(inp.emb[present], inp.token_mask[present])  # (E, n_out, D), (E, n_out)
+            if inp.payload is not None:  # finetuned: the encoder runs here, on the present events only
+                emb, token_mask = self._run_encoder(name, {k: v[present] for k, v in inp.payload.items()})
+            else:
+                emb, token_mask = inp.emb[present], inp.token_mask[present]
+            out, mask = compressor(emb, token_mask)  # (E, n_out, D), (E, n_out)
             n_out = out.shape[1]
             tokens = out.new_zeros(B, K, n_out, out.shape[2]).index_put((present,), out)  # (B, K_m, n_out, D)
             valid = mask.new_zeros(B, K, n_out).index_put((present,), mask)  # (B, K_m, n_out)
@@ -224,15 +246,40 @@ class Fusion(nn.Module):
             return None
         return Media(*(torch.cat(p, dim=1) for p in zip(*parts)))
 
+    def _run_encoder(self, name: str, payload: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        emb, mask = self.encoders[name](**payload)  # (E, N, d_enc), (E, N)
+        d_enc = self.fusion.modalities[name].d_enc
+        if emb.ndim != 3 or emb.shape[-1] != d_enc or mask.shape != emb.shape[:2]:
+            raise ValueError(
+                f"modality {name!r}: its encoder returned {tuple(emb.shape)} / mask {tuple(mask.shape)}, "
+                f"expected (E, N, {d_enc}) / (E, N)"
+            )
+        return emb, mask.bool()
+
     def _check_inputs(self, name: str, inp: ModalityInputs, batch_size: int | None) -> None:
         d_enc = self.fusion.modalities[name].d_enc
-        e = inp.emb
-        if e.ndim != 4 or e.shape[-1] != d_enc:
-            raise ValueError(f"modality {name!r}: emb must be (B, K_m, N, {d_enc}), got {tuple(e.shape)}")
-        if batch_size is not None and e.shape[0] != batch_size:
-            raise ValueError(f"modality {name!r}: {e.shape[0]} rows but the token batch has {batch_size}")
-        expected = {"token_mask": (e.shape[:3], torch.bool), "event_mask": (e.shape[:2], torch.bool)}
-        expected["event_time"] = (e.shape[:2], torch.int64)
+        finetuned = name in self.encoders
+        if finetuned != (inp.payload is not None):
+            raise ValueError(
+                f"modality {name!r} is {'finetuned: it takes raw payloads' if finetuned else 'frozen: it takes stored embeddings'}"
+                f", got {'stored embeddings' if finetuned else 'payloads'}"
+            )
+        rows_events = inp.event_mask.shape
+        if batch_size is not None and rows_events[0] != batch_size:
+            raise ValueError(f"modality {name!r}: {rows_events[0]} rows but the token batch has {batch_size}")
+        expected = {"event_mask": (rows_events, torch.bool), "event_time": (rows_events, torch.int64)}
+        if finetuned:
+            for key, t in inp.payload.items():
+                if t.shape[:2] != rows_events:
+                    raise ValueError(
+                        f"modality {name!r}: payload {key} must start with (B, K_m) = {tuple(rows_events)}, "
+                        f"got {tuple(t.shape)}"
+                    )
+        else:
+            e = inp.emb
+            if e.ndim != 4 or e.shape[-1] != d_enc or e.shape[:2] != rows_events:
+                raise ValueError(f"modality {name!r}: emb must be (B, K_m, N, {d_enc}), got {tuple(e.shape)}")
+            expected["token_mask"] = (e.shape[:3], torch.bool)
         for field_name, (shape, dtype) in expected.items():
             t = getattr(inp, field_name)
             if t.shape != shape or t.dtype != dtype:

@@ -1,6 +1,7 @@
 """The model: a GPT-2 decoder over EHR tokens, with gated cross-attention to modality events beside it.
 
     model = GPT(ModelConfig(...))                      # EHR-only when config.fusion.modalities is empty
+    model = GPT(config, encoders={"note": module})      # a finetuned modality's encoder runs inside
     logits, loss = model(tokens, times, modalities, targets=targets, loss_mask=loss_mask)    # training
 
     cache = model.new_cache(B, max_len)                                                    # generation
@@ -16,6 +17,7 @@ int64 µs; modalities: name -> `mmehr.batch.ModalityInputs`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,7 @@ class GPT(nn.Module):
     """Token + learned position embeddings, pre-LN blocks, tied LM head; `fusion` (None when EHR-only)
     adds a gated cross-attention block before chosen layers."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, encoders: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
@@ -50,6 +52,10 @@ class GPT(nn.Module):
         self.fusion = Fusion(config, config.fusion) if config.fusion.modalities else None
         if self.fusion is not None:
             self._init(self.fusion)
+            # Attached after the init: an encoder keeps its pretrained weights (contract: Fusion.attach_encoders).
+            self.fusion.attach_encoders(encoders or {})
+        elif encoders:
+            raise ValueError(f"encoders {sorted(encoders)} given to a model without modalities")
 
     def _init(self, root: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases; residual projections N(0, 0.02 / sqrt(2 n_layer))."""
@@ -189,9 +195,26 @@ class GPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: Linear weights decay; biases, norms, embeddings, latents, time-bias table do not;
-        gate scalars form their own group without decay. Every group has an `lr_scale` (gates:
-        fusion.gate_lr_scale) that the trainer multiplies into the learning rate."""
+        gate scalars form their own group without decay; a finetuned encoder's trainable parameters form
+        their own groups (its Linear weights decay) at its modality's finetune_lr_scale. Every group has an
+        `lr_scale` (gates: fusion.gate_lr_scale) that the trainer multiplies into the learning rate."""
         decay, no_decay, gates, seen = [], [], [], set()
+        encoder_groups = []
+        for name, encoder in self.fusion.encoders.items() if self.fusion is not None else []:
+            scale = self.config.fusion.modalities[name].finetune_lr_scale
+            enc_decay, enc_no_decay = [], []
+            for module in encoder.modules():
+                for pname, p in module.named_parameters(recurse=False):
+                    if id(p) in seen or not p.requires_grad:
+                        continue
+                    seen.add(id(p))
+                    (
+                        enc_decay if isinstance(module, nn.Linear) and pname == "weight" else enc_no_decay
+                    ).append(p)
+            encoder_groups += [
+                {"params": enc_decay, "weight_decay": weight_decay, "lr_scale": scale},
+                {"params": enc_no_decay, "weight_decay": 0.0, "lr_scale": scale},
+            ]
         for module in self.modules():
             for pname, p in module.named_parameters(recurse=False):
                 if id(p) in seen or not p.requires_grad:
@@ -211,4 +234,4 @@ class GPT(nn.Module):
             groups.append(
                 {"params": gates, "weight_decay": 0.0, "lr_scale": self.config.fusion.gate_lr_scale}
             )
-        return groups
+        return groups + [g for g in encoder_groups if g["params"]]

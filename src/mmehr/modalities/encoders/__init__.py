@@ -6,7 +6,8 @@ One concept per module:
   the payload formats and the `encode` contract.
 - `weights.py`: finding weights on disk (never downloading), safe checkpoint loading, state-dict
   helpers, checksums.
-- `preprocess.py`: resampling, per-lead z-score, length fitting (ECG), image tensors (CXR).
+- `preprocess.py`: each encoder's preprocessing, reproducing its upstream's arithmetic (resampling,
+  standardisation, segmenting for ECG; resize/crop/normalise for CXR).
 - `text.py`: notes through transformers (bert, biomedbert, minilm).
 - `cxr.py`: the timm-style ViT of BiomedCLIP (biomedclip) and transformers' ViT-MAE (vit-mae).
 - `ecg_fm.py`: ECG-FM (wav2vec 2.0-style, fairseq-signals checkpoints).
@@ -30,7 +31,16 @@ from mmehr.modalities.encoders.baselines import N_CXR_STATS, N_ECG_STATS, r_peak
 from mmehr.modalities.encoders.csfm import CSFM, CSFMConfig
 from mmehr.modalities.encoders.cxr import ViT, ViTConfig
 from mmehr.modalities.encoders.ecg_fm import ECGFM, ECGFMConfig, map_fairseq_ecg_state
-from mmehr.modalities.encoders.preprocess import fit_length, image_tensor, resample, zscore_leads
+from mmehr.modalities.encoders.preprocess import (
+    fit_length,
+    open_clip_image,
+    resample,
+    resample_fft,
+    resample_linear,
+    standardize_leads,
+    vit_processor_image,
+    zscore_leads,
+)
 from mmehr.modalities.encoders.registry import REGISTRY, EncoderInfo, get_encoder, list_encoders
 from mmehr.modalities.encoders.weights import load_checkpoint
 
@@ -52,11 +62,15 @@ __all__ = [
     "check_payload",
     "fit_length",
     "get_encoder",
-    "image_tensor",
     "list_encoders",
     "load_checkpoint",
     "map_fairseq_ecg_state",
+    "open_clip_image",
     "r_peaks",
     "resample",
+    "resample_fft",
+    "resample_linear",
+    "standardize_leads",
+    "vit_processor_image",
     "zscore_leads",
 ]

@@ -35,6 +35,11 @@ class FrozenEncoder:
     Attributes: `name`, `modality`, `d_enc`, `max_tokens` (largest N), `n_prefix` (leading summary
     tokens), `preprocessing` (JSON-able), `weights_checksum` (sha256 of the weight files, or of the
     generated parameters of a weight-free encoder).
+
+    For finetuning (`mmehr.modalities.finetune`): `blocks` is the dotted path in `model` of the ModuleList of
+    transformer blocks ("" for encoders without any), `after_blocks` the modules that run after the last
+    block (a final LayerNorm), and `payload_pad` the padding value of each prepared tensor that varies in
+    length between payloads (token ids: the tokenizer's pad id; anything not named pads with 0).
     """
 
     def __init__(
@@ -49,10 +54,20 @@ class FrozenEncoder:
         preprocessing: dict[str, Any],
         weights_checksum: str,
         n_prefix: int = 0,
+        check: Callable[[Any], Any] | None = None,
+        blocks: str = "",
+        after_blocks: tuple[str, ...] = (),
+        payload_pad: dict[str, int | float] | None = None,
     ):
         assert modality in MODALITIES
         self.name, self.modality, self.d_enc, self.max_tokens = name, modality, d_enc, max_tokens
         self.n_prefix = n_prefix
+        self._check = check
+        self.blocks, self.after_blocks, self.payload_pad = (
+            blocks,
+            tuple(after_blocks),
+            dict(payload_pad or {}),
+        )
         self.preprocessing = json.loads(json.dumps(preprocessing))  # JSON-able, detached
         self.weights_checksum = weights_checksum
         self.model = model.eval().requires_grad_(False)
@@ -68,12 +83,18 @@ class FrozenEncoder:
         """Payloads -> (emb (B, N, d_enc) float32, mask (B, N) bool, valid tokens first)."""
         if len(payloads) == 0:
             raise ValueError(f"encoder {self.name}: encode() needs at least one payload")
-        payloads = [check_payload(self.modality, p) for p in payloads]
+        payloads = [self.check_payload(p) for p in payloads]
         self.model.eval()
         with torch.inference_mode():
             inputs = {k: v.to(self.device) for k, v in self.prepare(payloads).items()}
             emb, mask = self.model(**inputs)
         return emb.float(), mask.bool()
+
+    def check_payload(self, payload: Any) -> Any:
+        """`check_payload(modality, payload)`, then what this encoder needs of it (e.g. ECG-FM: at least one
+        whole segment); raises ValueError saying why a payload cannot be encoded."""
+        payload = check_payload(self.modality, payload)
+        return self._check(payload) if self._check is not None else payload
 
     def __repr__(self) -> str:
         return f"FrozenEncoder({self.name}, {self.modality}, N<={self.max_tokens}, d={self.d_enc})"

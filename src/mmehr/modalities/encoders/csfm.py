@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmehr.modalities.encoders.base import ECG_LEADS, FrozenEncoder, _config
-from mmehr.modalities.encoders.preprocess import fit_length, resample, zscore_leads
+from mmehr.modalities.encoders.preprocess import fit_length, resample_fft
 from mmehr.modalities.encoders.weights import (
     _load_into,
     _resolve_file,
@@ -114,35 +114,50 @@ class CSFM(nn.Module):
 
 
 def _infer_csfm(state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """Architecture sizes read off a CSFM state dict (64 per head, as the authors' default dim_head)."""
-    needed = {"ts_pos_embedding", "ts_to_patch_embedding.2.weight", "transformer.layers.0.0.to_qkv.weight",
-              "transformer.layers.0.1.net.1.weight"}  # fmt: skip
-    if state is None or not needed <= set(state):
+    """Architecture sizes read off a CSFM state dict (64 per head, as the authors' default dim_head); each
+    size from whichever layer holds it, so that one missing tensor is reported by name, not as a wrong size."""
+    if state is None or not {"ts_pos_embedding", "ts_to_patch_embedding.2.weight"} <= set(state):
         return {}  # loading will name what is missing
     _, n, dim = state["ts_pos_embedding"].shape
     patch = state["ts_to_patch_embedding.2.weight"].shape[1]
-    inner = state["transformer.layers.0.0.to_qkv.weight"].shape[0] // 3
-    return {
-        "dim": dim, "patch": patch, "samples": n * patch, "channel_types": state["ts_channel_type_embedding"].shape[1],
-        "depth": len({k.split(".")[2] for k in state if k.startswith("transformer.layers.")}),
-        "mlp_dim": state["transformer.layers.0.1.net.1.weight"].shape[0], "heads": max(1, inner // 64),
-        "dim_head": inner // max(1, inner // 64),
-    }  # fmt: skip
+    sizes = {"dim": dim, "patch": patch, "samples": n * patch,
+             "depth": len({k.split(".")[2] for k in state if k.startswith("transformer.layers.")})}  # fmt: skip
+    if "ts_channel_type_embedding" in state:
+        sizes["channel_types"] = state["ts_channel_type_embedding"].shape[1]
+    qkv = next((v for k, v in state.items() if k.endswith(".0.to_qkv.weight")), None)
+    if qkv is not None:
+        inner = qkv.shape[0] // 3
+        sizes |= {"heads": max(1, inner // 64), "dim_head": inner // max(1, inner // 64)}
+    mlp = next((v for k, v in state.items() if k.endswith(".1.net.1.weight")), None)
+    if mlp is not None:
+        sizes["mlp_dim"] = mlp.shape[0]
+    return sizes
 
 
 def _csfm_prepare(cfg: CSFMConfig) -> Callable[[list], dict[str, torch.Tensor]]:
+    """The authors' `utils/preprocess.py::preprocess_ecg`, float64: FFT resampling to 250 Hz (only when the
+    rate differs), neurokit2.ecg_clean per lead, the length fitted to `samples` (zero-padded at the end if
+    shorter; if longer, the authors crop a random window, mmehr the first one), then per lead
+    (x - mean) / (std + 1e-8)."""
+
     def prepare(payloads: list) -> dict[str, torch.Tensor]:
         out = np.zeros((len(payloads), 12, cfg.samples), dtype=np.float32)
         for i, (signal, fs) in enumerate(payloads):
-            x = resample(signal, fs, cfg.fs)
+            x = resample_fft(signal, fs, cfg.fs)
             if cfg.clean:
                 import neurokit2 as nk
 
                 x = np.stack([nk.ecg_clean(lead, sampling_rate=int(cfg.fs)) for lead in x])
-            out[i] = zscore_leads(fit_length(x, cfg.samples))
+            x = fit_length(x, cfg.samples)
+            out[i] = (x - x.mean(axis=1, keepdims=True)) / (x.std(axis=1, keepdims=True) + 1e-8)
         return {"signal": torch.from_numpy(out)}
 
     return prepare
+
+
+# Tensors of the authors' checkpoint that the ECG token features do not use: the text tower and the
+# classification head (their README loads with these left out). Anything else unused fails loading.
+CSFM_DROPPED = (r"text_.*", r"mlp_head\..*")
 
 
 def _build_csfm(weights=None, *, random_init: bool = False, **overrides) -> FrozenEncoder:
@@ -163,15 +178,20 @@ def _build_csfm(weights=None, *, random_init: bool = False, **overrides) -> Froz
     if random_init:
         checksum = _sha256_module(model, "random-init")
     else:
-        _load_into(model, state, path)
+        _load_into(model, state, path, dropped=CSFM_DROPPED)
         checksum = _sha256_files([path])
     n = cfg.samples // cfg.patch
     pre = {
-        "leads": list(ECG_LEADS), "fs_hz": cfg.fs, "resample": "polyphase", "clean": "neurokit2.ecg_clean" if cfg.clean else None,
-        "samples": cfg.samples, "length": "first samples; zero-padded if shorter", "normalise": "per-lead z-score",
+        "reproduces": "the authors' utils/preprocess.py::preprocess_ecg (fs_target 250, signal_length 2500)",
+        "leads": list(ECG_LEADS), "fs_hz": cfg.fs, "resample": "scipy.signal.resample (FFT), float64, only if fs differs",
+        "clean": "neurokit2.ecg_clean per lead" if cfg.clean else None, "samples": cfg.samples,
+        "length": "zero-padded at the end if shorter; if longer the first window (the authors: a random one)",
+        "normalise": "per lead (x - mean) / (std + 1e-8)",
         "patch": cfg.patch, "channel_type_ids": list(range(12)), "output": f"CLS + 12 x {n} patch tokens, lead-major",
+        "architecture": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "dim_head": cfg.dim_head},
     }  # fmt: skip
     return FrozenEncoder(
         name="csfm", modality="ecg", model=model, prepare=_csfm_prepare(cfg), d_enc=cfg.dim, max_tokens=1 + 12 * n,
-        preprocessing=pre, weights_checksum=checksum, n_prefix=1,
+        preprocessing=pre, weights_checksum=checksum, n_prefix=1, blocks="transformer.layers",
+        after_blocks=("transformer.norm",),
     )  # fmt: skip

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmehr.modalities.encoders.base import FrozenEncoder, _config
-from mmehr.modalities.encoders.preprocess import image_tensor
-from mmehr.modalities.encoders.text import _quiet_transformers
+from mmehr.modalities.encoders.preprocess import PIL_FILTERS, open_clip_image, vit_processor_image
+from mmehr.modalities.encoders.text import _hf_blocks, _quiet_transformers
 from mmehr.modalities.encoders.weights import (
+    _hf_from_pretrained,
     _load_into,
     _resolve_dir,
     _resolve_file,
@@ -116,13 +118,9 @@ class ViT(nn.Module):
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
-def _image_prepare(size: int, mean, std, crop: bool) -> Callable[[list], dict[str, torch.Tensor]]:
+def _open_clip_prepare(size: int, mean, std) -> Callable[[list], dict[str, torch.Tensor]]:
     def prepare(images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        return {
-            "pixels": torch.stack(
-                [image_tensor(im, size=size, mean=mean, std=std, crop=crop) for im in images]
-            )
-        }
+        return {"pixels": torch.stack([open_clip_image(im, size=size, mean=mean, std=std) for im in images])}
 
     return prepare
 
@@ -145,6 +143,12 @@ def _infer_vit(state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     }
 
 
+# Tensors of an open_clip checkpoint that BiomedCLIP's token features do not use: the text tower, the
+# contrastive temperature/bias, the vision tower's projection head (pooled embedding) and a timm
+# classifier head. Anything else that the ViT does not use fails loading.
+BIOMEDCLIP_DROPPED = (r"text\..*", r"logit_scale", r"logit_bias", r"visual\.head\..*", r"head\..*")
+
+
 def _build_biomedclip(weights=None, *, random_init: bool = False, **overrides) -> FrozenEncoder:
     repo = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
     files = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
@@ -159,9 +163,9 @@ def _build_biomedclip(weights=None, *, random_init: bool = False, **overrides) -
     state = None
     if not random_init:
         state = load_checkpoint(path)
-        if any(k.startswith("visual.trunk.") for k in state):
-            state = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
-        else:
+        if any(k.startswith("visual.trunk.") for k in state):  # open_clip: the trunk, and what is left out
+            state = {k.removeprefix("visual.trunk."): v for k, v in state.items()}
+        else:  # a bare timm ViT state dict (any wrapping prefix)
             state = _strip_prefix(state, "patch_embed.proj.weight", path)
     cfg = _config(ViTConfig, {**_infer_vit(state), **overrides}, "biomedclip")
     torch.manual_seed(0)
@@ -169,17 +173,22 @@ def _build_biomedclip(weights=None, *, random_init: bool = False, **overrides) -
     if random_init:
         checksum = _sha256_module(model, "random-init")
     else:
-        _load_into(model, state, path)
+        _load_into(model, state, path, dropped=BIOMEDCLIP_DROPPED)
         checksum = _sha256_files([path])
     n = (cfg.image_size // cfg.patch_size) ** 2 + 1
     pre = {
-        "image": "uint8 grayscale -> [0, 1] -> 3 channels", "resize": f"shortest side {cfg.image_size}, bicubic, antialias",
-        "crop": f"centre {cfg.image_size}", "mean": list(cfg.mean), "std": list(cfg.std),
+        "reproduces": "open_clip eval transform (torchvision Resize + CenterCrop on a PIL image)",
+        "image": "uint8 grey PIL image (mode L)",
+        "resize": f"short side {cfg.image_size}, long side int({cfg.image_size} * long / short); PIL bicubic on uint8",
+        "crop": f"centre {cfg.image_size}, offsets int(round((side - {cfg.image_size}) / 2))",
+        "to_tensor": "/255, grey copied to 3 channels", "mean": list(cfg.mean), "std": list(cfg.std),
+        "architecture": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "patch": cfg.patch_size},
         "output": "ViT forward_features: CLS + patch tokens (not the pooled embedding)",
     }  # fmt: skip
     return FrozenEncoder(
-        name="biomedclip", modality="cxr", model=model, prepare=_image_prepare(cfg.image_size, cfg.mean, cfg.std, True),
-        d_enc=cfg.dim, max_tokens=n, preprocessing=pre, weights_checksum=checksum, n_prefix=1,
+        name="biomedclip", modality="cxr", model=model, prepare=_open_clip_prepare(cfg.image_size, cfg.mean, cfg.std),
+        d_enc=cfg.dim, max_tokens=n, preprocessing=pre, weights_checksum=checksum, n_prefix=1, blocks="blocks",
+        after_blocks=("norm",),
     )  # fmt: skip
 
 
@@ -212,22 +221,76 @@ class MAESizes:
     intermediate_size: int = 3072
 
 
+# ViTImageProcessor's settings as facebook/vit-mae-base's preprocessor_config.json gives them; used only by
+# random_init (a real checkpoint directory must carry its own preprocessor_config.json).
+MAE_PROCESSOR = {"do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+                 "image_std": [0.229, 0.224, 0.225]}  # fmt: skip
+MAE_DROPPED = (r"decoder\..*",)  # ViTMAEForPreTraining's pixel decoder: pretraining only
+
+
+def _processor_settings(path: Path | None) -> dict[str, Any]:
+    """ViTImageProcessor's settings from `path/preprocessor_config.json`, with its class defaults for what
+    the file leaves out; fails if the file is missing or asks for something ViTImageProcessor cannot do."""
+    if path is None:
+        return dict(MAE_PROCESSOR)
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        raise ValueError(
+            f"vit-mae: {file} is missing; mmehr reads the resize filter and normalisation from it (copy it from "
+            "the model's Hugging Face repo next to config.json)"
+        )
+    raw = json.loads(file.read_text())
+    # ViTImageProcessor's own defaults (transformers), for keys the file does not set.
+    cfg = {"do_resize": True, "size": 224, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+           "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}  # fmt: skip
+    cfg |= {k: raw[k] for k in cfg if k in raw}
+    size = cfg["size"]
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if not (isinstance(size, dict) and {"height", "width"} <= set(size)):
+        raise ValueError(
+            f"{file}: size must be an int or {{height, width}} (ViTImageProcessor), got {size!r}"
+        )
+    if cfg["resample"] not in PIL_FILTERS:
+        raise ValueError(f"{file}: unknown resample filter {cfg['resample']!r}; known: {PIL_FILTERS}")
+    cfg["size"] = {"height": int(size["height"]), "width": int(size["width"])}
+    return cfg
+
+
+def _vit_processor_prepare(p: dict[str, Any]) -> Callable[[list], dict[str, torch.Tensor]]:
+    def prepare(images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return {
+            "pixels": torch.stack([
+                vit_processor_image(
+                    im, height=p["size"]["height"], width=p["size"]["width"], resample=p["resample"],
+                    mean=p["image_mean"], std=p["image_std"], do_resize=p["do_resize"],
+                    rescale_factor=p["rescale_factor"], do_rescale=p["do_rescale"], do_normalize=p["do_normalize"],
+                )
+                for im in images
+            ])
+        }  # fmt: skip
+
+    return prepare
+
+
 def _build_vit_mae(weights=None, *, random_init: bool = False, **sizes) -> FrozenEncoder:
     repo = "facebook/vit-mae-base"
-    mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224  # its image processor's defaults
+    path = None
     if not random_init:  # find the weights before importing or building anything
         if sizes:
             raise ValueError(
                 f"encoder 'vit-mae': a checkpoint fixes the architecture; {sorted(sizes)} apply only with random_init"
             )
         how = (
-            f"Pass `--weights /path/to/vit-mae-base` (a directory with config.json and the weights, e.g. from "
-            f"`huggingface-cli download {repo} --local-dir DIR` on a machine with internet), or put {repo} in "
-            "the Hugging Face cache (HF_HOME)."
+            f"Pass `--weights /path/to/vit-mae-base` (a directory with config.json, preprocessor_config.json and "
+            f"the weights, e.g. from `huggingface-cli download {repo} --local-dir DIR` on a machine with internet), "
+            f"or put {repo} in the Hugging Face cache (HF_HOME)."
         )
         path = _resolve_dir("vit-mae", weights, repo, how)
     from transformers import ViTMAEConfig, ViTMAEModel
 
+    processor = _processor_settings(path)
     with _quiet_transformers():
         if random_init:
             config = ViTMAEConfig(mask_ratio=0.0, **dataclasses.asdict(_config(MAESizes, sizes, "vit-mae")))
@@ -235,22 +298,23 @@ def _build_vit_mae(weights=None, *, random_init: bool = False, **sizes) -> Froze
             mae = ViTMAEModel(config)
             checksum = _sha256_module(mae, "random-init")
         else:
-            mae = ViTMAEModel.from_pretrained(path, mask_ratio=0.0, local_files_only=True)
-            pp = path / "preprocessor_config.json"
-            if pp.is_file():
-                cfg = json.loads(pp.read_text())
-                mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-                size = cfg.get("size", size)
-                size = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size
+            mae, _ = _hf_from_pretrained(ViTMAEModel, path, MAE_DROPPED, mask_ratio=0.0)
             checksum = _sha256_files([p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")])
-    size = mae.config.image_size if random_init else size
+    if random_init:
+        processor["size"] = {"height": mae.config.image_size, "width": mae.config.image_size}
     n = (mae.config.image_size // mae.config.patch_size) ** 2 + 1
     pre = {
-        "image": "uint8 grayscale -> [0, 1] -> 3 channels", "resize": f"{size}x{size}, bicubic, antialias",
-        "mean": list(mean), "std": list(std), "mask_ratio": 0.0, "patch_order": "identity (noise = arange(L))",
-        "output": "last_hidden_state: CLS + patch tokens",
+        "reproduces": "transformers ViTImageProcessor (PIL resize of the RGB image, rescale, normalise)",
+        "image": "uint8 grey -> RGB (3 equal channels)",
+        "resize": f"{processor['size']['height']}x{processor['size']['width']}, PIL {PIL_FILTERS[processor['resample']].lower()}"
+        if processor["do_resize"] else None,
+        "rescale_factor": processor["rescale_factor"] if processor["do_rescale"] else None,
+        "mean": list(processor["image_mean"]) if processor["do_normalize"] else None,
+        "std": list(processor["image_std"]) if processor["do_normalize"] else None,
+        "mask_ratio": 0.0, "patch_order": "identity (noise = arange(L))", "output": "last_hidden_state: CLS + patch tokens",
     }  # fmt: skip
     return FrozenEncoder(
-        name="vit-mae", modality="cxr", model=MAEUnmasked(mae), prepare=_image_prepare(size, mean, std, False),
+        name="vit-mae", modality="cxr", model=MAEUnmasked(mae), prepare=_vit_processor_prepare(processor),
         d_enc=mae.config.hidden_size, max_tokens=n, preprocessing=pre, weights_checksum=checksum, n_prefix=1,
+        blocks="model." + _hf_blocks(mae), after_blocks=("model.layernorm",),
     )  # fmt: skip

@@ -14,8 +14,14 @@
 | note-hash   | note     | <= 257 x 128            | none (hashed token table, fixed seed)                 |
 
 Sizes are configurable through `get_encoder(name, **overrides)` (tiny for tests, real by default);
-`random_init=True` builds an architecture with random weights (tests, benchmarks). A checkpoint of
-biomedclip / ecg-fm / csfm sets the sizes itself (read off its parameter shapes, 64 dims per head).
+`random_init=True` builds an architecture with random weights (tests, benchmarks). A checkpoint sets the
+architecture itself: ecg-fm from the `cfg["model"]` fairseq-signals stores in it (LayerNorm placement,
+heads, conv layers, sizes; a checkpoint without it must be given `layer_norm_first` and `heads`), csfm
+and biomedclip from their tensor shapes (64 dims per head, as every released variant; `heads=` overrides),
+the transformers encoders from their config.json. Loading is strict: a missing tensor, or one the encoder
+does not use beyond the heads each encoder drops on purpose (pretraining heads, text towers), fails with
+its name. Each encoder's preprocessing reproduces its upstream's (`preprocess.py`) and is recorded in
+`FrozenEncoder.preprocessing`, hence in every embedding store's manifest.
 """
 
 from __future__ import annotations

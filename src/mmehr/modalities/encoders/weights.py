@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,13 @@ class _Inert:
         self.__dict__["_state"] = state
 
 
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's state dict on CPU without running code from the file.
+def read_checkpoint(path: str | Path) -> Any:
+    """The whole object a checkpoint file holds (CPU), without running code from the file.
 
-    `.safetensors` directly; otherwise `torch.load(weights_only=True)`. A checkpoint that also pickles
-    Python objects (fairseq's `cfg`) is read with those classes replaced by inert stand-ins, still under
-    the weights-only unpickler. The state dict is found under `model`, `state_dict`, ... if nested.
+    `.safetensors` gives its tensors; otherwise `torch.load(weights_only=True)`. A checkpoint that also
+    pickles Python objects (fairseq's `args` Namespace, an omegaconf cfg) is read with those classes
+    replaced by inert stand-ins (their pickled state kept as `_state`), still under the weights-only
+    unpickler.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -119,19 +121,28 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
             stubs = [(type(n.rsplit(".", 1)[-1], (_Inert,), {}), n) for n in names]
             with torch.serialization.safe_globals(stubs):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+
+
+def state_dict_of(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of tensors inside a checkpoint object (under `model`, `state_dict`, ... if nested)."""
     state = _find_state_dict(obj)
     if state is None:
         top = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: no state dict of tensors found (top level: {top})")
     return state
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's state dict on CPU without running code from the file (see `read_checkpoint`)."""
+    return state_dict_of(read_checkpoint(path), path)
 
 
 def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
@@ -158,13 +169,24 @@ def _strip_prefix(state: dict[str, torch.Tensor], anchor: str, path: Path) -> di
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load `state` into `module`: every parameter must be present with the right shape; extras ignored."""
+def _load_into(
+    module: nn.Module, state: dict[str, torch.Tensor], path: Path, dropped: Sequence[str] = ()
+) -> None:
+    """Load `state` into `module` strictly: every tensor of the architecture must be there with its shape,
+    and every tensor of `state` must be used, except those matching a `dropped` regex (the heads an
+    encoder leaves out on purpose, e.g. pretraining-only modules). Failures name the tensors."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = sorted(k for k in own if k not in state)
     if missing:
         raise ValueError(
-            f"{path}: checkpoint lacks {len(missing)} parameter(s) of this architecture, e.g. {missing[:5]}"
+            f"{path}: checkpoint lacks {len(missing)} tensor(s) of this architecture: {_names(missing)}"
+        )
+    keep = re.compile("|".join(f"(?:{p})" for p in dropped)) if dropped else None
+    unexpected = sorted(k for k in state if k not in own and not (keep and keep.fullmatch(k)))
+    if unexpected:
+        raise ValueError(
+            f"{path}: checkpoint has {len(unexpected)} tensor(s) this architecture does not use: "
+            f"{_names(unexpected)}; is it the right checkpoint, or are the sizes right?"
         )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
@@ -173,3 +195,35 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
                 f"{tuple(v.shape)}; pass the checkpoint's sizes as overrides"
             )
     module.load_state_dict({k: state[k].float() for k in own}, strict=True)
+
+
+def _names(keys: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _hf_from_pretrained(
+    model_cls: Any, path: Path, dropped: Sequence[str], **kwargs: Any
+) -> tuple[nn.Module, dict[str, list[str]]]:
+    """`model_cls.from_pretrained(path)` made strict: a tensor of the architecture missing from the
+    checkpoint (transformers would leave it randomly initialised), a tensor of the wrong shape, or a
+    checkpoint tensor the architecture does not use (other than a `dropped` regex: the heads left out on
+    purpose) fails, naming the tensors. Returns the model and the names that were dropped."""
+    model, info = model_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    keep = re.compile("|".join(f"(?:{p})" for p in dropped)) if dropped else None
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not (keep and keep.fullmatch(k)))
+    mismatched = sorted(str(m) for m in info.get("mismatched_keys") or [])
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint lacks {len(missing)} tensor(s) of this architecture: {_names(missing)}"
+        )
+    if mismatched:
+        raise ValueError(f"{path}: tensor(s) of the wrong shape: {_names(mismatched)}")
+    if unexpected:
+        raise ValueError(
+            f"{path}: checkpoint has {len(unexpected)} tensor(s) this architecture does not use: "
+            f"{_names(unexpected)}; is it the right checkpoint?"
+        )
+    kept = sorted(set(info.get("unexpected_keys") or []) - set(unexpected))
+    return model, {"dropped": kept}
