@@ -41,7 +41,7 @@ def test_demo_writes_a_report_comparing_both_models_on_four_tasks(demo_out):
     report = (demo_out / "report.md").read_text()
     for task in TASKS:
         assert f"### {task}" in report
-    assert "| ehr_only/seed0 |" in report and "| multimodal/seed0 |" in report
+    assert "| ehr_only/seed0 |" in report and "| all_three/seed0 |" in report
     assert "AUROC - ehr_only/seed0" in report  # the paired difference column
     html = (demo_out / "report.html").read_text()
     assert "<table>" in html and "<img" in html
@@ -51,7 +51,7 @@ def test_demo_writes_a_report_comparing_both_models_on_four_tasks(demo_out):
 
 
 def test_demo_predictions_follow_the_meds_prediction_schema(demo_out):
-    for run in ("ehr_only", "multimodal"):
+    for run in ("ehr_only", "all_three"):
         for task in TASKS:
             pred = pl.read_parquet(
                 demo_out / "experiments" / "runs" / run / "seed0" / "eval" / task / "predictions.parquet"
@@ -67,7 +67,7 @@ def test_demo_predictions_follow_the_meds_prediction_schema(demo_out):
 
 def test_multimodal_run_trains_gates_and_ehr_only_has_none(demo_out):
     runs = demo_out / "experiments" / "runs"
-    mm = [json.loads(x) for x in (runs / "multimodal/seed0/train/metrics.jsonl").read_text().splitlines()]
+    mm = [json.loads(x) for x in (runs / "all_three/seed0/train/metrics.jsonl").read_text().splitlines()]
     ehr = [json.loads(x) for x in (runs / "ehr_only/seed0/train/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("gates") for r in mm)
     assert not any(r.get("gates") for r in ehr)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from mmehr.experiments import run_stage
 from mmehr.io import check_output, is_complete, mark_output, write_json
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+STUDY_GRID = CONFIGS / "grids" / "demo-study.yaml"
 TASKS = ["hospital_mortality", "icu_mortality", "icu_admission", "icu_readmission"]
 ENCODERS = {"ecg": "ecg-patch", "cxr": "cxr-patch", "note": "minilm"}
 
@@ -64,15 +67,28 @@ FAST = DemoSize(
     tuning_samples=12,
     max_new_tokens=64,
 )
-# The demo cohort: a compact lab panel and 8-hourly ICU vitals (about 130 tokens per stay instead of 225:
-# more outcomes per training token) and a strong planted signal in every modality (log-odds 4 per
-# condition); see the README for what this does and does not show.
-SYNTH = ["--lab-panel", "4", "--icu-vitals-hours", "8"] + [
-    arg for m in ("ecg", "cxr", "note") for arg in (f"--{m}-strength", "4")
-]
+# The demo cohort, shaped like the paper's setting: the EHR at each prediction time carries most of the
+# risk (labs and vitals follow the acute severity closely, frailty shows in age and a problem list, an ICU
+# admission follows a deterioration seen in triage labs), and each modality's hidden condition adds a
+# moderate signal (log-odds 3.5) visible before admission. A compact lab panel and 8-hourly ICU vitals
+# keep a stay short in tokens. README: what this does and does not show.
+SYNTH = [
+    "--lab-panel", "4", "--icu-vitals-hours", "8", "--history", "--severity-signal", "3",
+    "--ehr-strength", "2.5", "--icu-triage", "1.5", "--death-offset", "-1.5",
+    *(arg for m in ("ecg", "cxr", "note") for arg in (f"--{m}-strength", "3.5")),
+]  # fmt: skip
 
 
-def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps: int | None = None) -> Path:
+def demo(
+    out: str | Path,
+    fast: bool = False,
+    subjects: int | None = None,
+    steps: int | None = None,
+    study: bool = False,
+) -> Path:
+    """Run the demo into `out` (resuming what is complete); with `study`, also the paper's two tables with
+    3 seeds (configs/grids/demo-study.yaml). Returns the report's path."""
+    t_start = time.perf_counter()
     size = dataclasses.replace(
         FAST if fast else FULL,
         **({"subjects": subjects} if subjects else {}),
@@ -122,49 +138,35 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
             str(store),
         )
 
-    paths = [f"data.timelines={timelines}"] + [
-        f"data.modalities.{m}.store={out / 'stores' / m}" for m in ENCODERS
-    ]
-    sizes = [
-        f"optim.max_steps={size.max_steps}",
-        f"optim.warmup_steps={size.warmup_steps}",
-        f"run.eval_every={size.eval_every}",
-        f"run.checkpoint_every={size.eval_every}",
-    ]
-    grid = {
-        "base": str(CONFIGS / "demo.yaml"),
-        "tasks": TASKS,
-        "rollouts": size.rollouts,
-        "max_samples": size.max_samples,
-        "seeds": [0],
-        "set": paths + sizes,
-        "runs": {
-            "ehr_only": [f"data.modalities.{m}.enabled=false" for m in ENCODERS],
-            "multimodal": [],
-        },
-        "knockout": [],  # each knock-out costs a whole evaluation: see configs/grids/ for them
-        "tables": [
-            {"title": "EHR only vs EHR + ECG + CXR + notes", "runs": ["ehr_only", "multimodal"], "task": None}
-        ],
-        "evaluate_args": [
-            "--max-new-tokens",
-            str(size.max_new_tokens),
-            "--tuning-samples",
-            str(size.tuning_samples),
-        ],
-    }
-    grid_path = out / "grid.yaml"
+    if study:
+        stage(
+            "encode note (note-hash, for Table 2)",
+            out / "stores" / "note-hash",
+            "encode",
+            "--events",
+            str(out / "events" / "note"),
+            "--encoder",
+            "note-hash",
+            "--out",
+            str(out / "stores" / "note-hash"),
+        )
+    grid = demo_grid(out, size, study)
+    grid_path = out / ("study-grid.yaml" if study else "grid.yaml")
     grid_path.write_text(yaml.safe_dump(grid, sort_keys=False))
     experiments = out / "experiments"
     t0 = time.perf_counter()
-    run_stage("ablate", "--grid", str(grid_path), "--out", str(experiments))
-    seconds["train + evaluate"] = time.perf_counter() - t0
+    jobs = ["--jobs", "2"] if study else []
+    run_stage("ablate", "--grid", str(grid_path), "--out", str(experiments), *jobs)
+    seconds["study: train + evaluate" if study else "train + evaluate"] = time.perf_counter() - t0
     write_json(
-        out / "demo.json",
+        out / ("study.json" if study else "demo.json"),
         {
             "mode": "fast (shows every stage working; the numbers mean nothing)" if fast else "full",
+            "commit": source_version(),
             "subjects": size.subjects,
+            "cohort": " ".join(SYNTH),
             "training steps per model": size.max_steps,
+            "seeds": grid["seeds"],
             "rollouts per sample": size.rollouts,
             "samples per task (at most)": size.max_samples,
             "encoders": ENCODERS,
@@ -173,8 +175,125 @@ def demo(out: str | Path, fast: bool = False, subjects: int | None = None, steps
     )
     run_stage("report", str(out))
     report = out / "report.md"
+    print(results_table(experiments, grid), flush=True)
+    print(f"[demo] {source_version()}; {time.perf_counter() - t_start:.0f} s in this invocation", flush=True)
     print(f"[demo] report: {report} (and {report.with_suffix('.html')})", flush=True)
     return report
+
+
+def demo_grid(out: Path, size: DemoSize, study: bool) -> dict:
+    """configs/grids/demo-study.yaml with the demo's paths and sizes; without `study`, its two runs
+    ehr_only and all_three at seed 0 (the study reuses them)."""
+    grid = yaml.safe_load(STUDY_GRID.read_text())
+    grid["base"] = str(CONFIGS / "demo.yaml")
+    paths = [f"data.timelines={out / 'timelines'}"] + [
+        f"data.modalities.{m}.store={out / 'stores' / m}" for m in ENCODERS
+    ]
+    sizes = [
+        f"optim.max_steps={size.max_steps}",
+        f"optim.warmup_steps={size.warmup_steps}",
+        f"run.eval_every={size.eval_every}",
+        f"run.checkpoint_every={size.eval_every}",
+    ]
+    grid["set"] = paths + sizes + list(grid.get("set") or [])
+    grid["runs"] = {
+        name: [o.replace("{out}", str(out)) for o in overrides] for name, overrides in grid["runs"].items()
+    }
+    grid["rollouts"], grid["max_samples"] = size.rollouts, size.max_samples
+    grid["evaluate_args"] = [
+        "--max-new-tokens",
+        str(size.max_new_tokens),
+        "--tuning-samples",
+        str(size.tuning_samples),
+    ]
+    if not study:
+        grid["runs"] = {k: grid["runs"][k] for k in ("ehr_only", "all_three")}
+        grid["seeds"] = [0]
+        grid["tasks"] = TASKS
+        grid["compare"] = [["all_three", "ehr_only"]]
+        grid["tables"] = [
+            {"title": "EHR only vs EHR + ECG + CXR + notes", "runs": ["ehr_only", "all_three"], "task": None}
+        ]
+    return grid
+
+
+def _ci(v: dict, signed: bool = False) -> str:
+    """value [lo, hi]; n/a where the value could not be computed (e.g. one class among the samples)."""
+    f = "+.3f" if signed else ".3f"
+    finite = [x is not None and math.isfinite(x) for x in (v.get("value"), v.get("lo"), v.get("hi"))]
+    if not finite[0]:
+        return "n/a"
+    if not all(finite):
+        return f"{v['value']:{f}}"
+    return f"{v['value']:{f}} [{v['lo']:{f}}, {v['hi']:{f}}]"
+
+
+def source_version() -> str:
+    """The commit this code runs from (with `+changes` when the checkout differs from it), or the version."""
+    from mmehr import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"mmehr {__version__} (not a git checkout)"
+    return f"mmehr {__version__}, commit {commit}{' +changes' if dirty else ''}"
+
+
+def results_table(experiments: Path, grid: dict) -> str:
+    """The demo's result in one table: per task, the supervised references and zero-shot AUROC of EHR-only
+    and all three modalities (mean over the seeds run), and the paired difference."""
+    import json
+
+    def metrics(run: str, seed: int, task: str) -> dict | None:
+        path = experiments / "runs" / run / f"seed{seed}" / "eval" / task / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    tables = experiments / "tables.json"
+    comparisons = json.loads(tables.read_text()).get("comparisons", []) if tables.is_file() else []
+    lines = [
+        "",
+        "| task | reference EHR | reference EHR + all | zero-shot EHR-only | zero-shot all three | all three - EHR-only (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in grid["tasks"]:
+        rows = {
+            run: [m for s in grid["seeds"] if (m := metrics(run, s, task))]
+            for run in ("ehr_only", "all_three")
+        }
+        if not rows["ehr_only"] or not rows["all_three"]:
+            continue
+        ref = rows["all_three"][0].get("reference") or {}
+
+        def cell(ms: list[dict]) -> str:
+            if len(ms) == 1:
+                return _ci(ms[0]["metrics"]["auroc"])
+            v = [m["metrics"]["auroc"]["value"] for m in ms]
+            if any(x is None for x in v):
+                return "n/a"
+            return f"{sum(v) / len(v):.3f} (seeds: {', '.join(f'{x:.3f}' for x in v)})"
+
+        def reference(name: str, ref: dict = ref) -> str:
+            return _ci(ref[name]["metrics"]["auroc"]) if name in ref else "n/a"
+
+        pair = ("all_three", "ehr_only", task)
+        d = next((c for c in comparisons if (c["a"], c["b"], c["task"]) == pair), None)
+        diff = _ci(d, signed=True) if d else "n/a"
+        lines.append(
+            f"| {task} | {reference('ehr')} | {reference('ehr+all')} | {cell(rows['ehr_only'])} | {cell(rows['all_three'])} | {diff} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,8 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--subjects", type=int, help="cohort size (default: 2000, --fast: 160)")
     parser.add_argument("--steps", type=int, help="training steps per model")
+    parser.add_argument(
+        "--study",
+        action="store_true",
+        help="also the paper's Tables 1 and 2 with 3 seeds (configs/grids/demo-study.yaml; reuses the demo)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    demo(args.out, fast=args.fast, subjects=args.subjects, steps=args.steps)
+    demo(args.out, fast=args.fast, subjects=args.subjects, steps=args.steps, study=args.study)
     return 0
