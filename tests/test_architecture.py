@@ -25,14 +25,10 @@ def test_import_contracts_are_kept():
 
 
 def test_an_uphill_import_breaks_the_contracts(tmp_path):
-    shutil.copytree(
-        ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     decoder = tmp_path / "src" / "mmehr" / "model" / "decoder.py"
-    decoder.write_text(
-        decoder.read_text() + "\nimport mmehr.data.windows  # noqa\n"
-    )  # the model knows the data
+    decoder.write_text(decoder.read_text() + "\nimport mmehr.data.windows  # noqa\n")  # the model knows the data
     result = lint(tmp_path)
     assert result.returncode != 0
     assert "mmehr.model.decoder -> mmehr.data.windows" in result.stdout
