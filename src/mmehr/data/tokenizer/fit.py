@@ -19,6 +19,7 @@ from mmehr.data.tokenizer.tokens import (
     EVENT_TOKENS,
     INTERVAL_BINS,
     INTERVAL_TOKENS,
+    LONG_GAP_US,
     MAX_AGE_DECADE,
     PAD,
     QUANTILES,
@@ -28,7 +29,6 @@ from mmehr.data.tokenizer.tokens import (
     _gap_pieces,
 )
 from mmehr.data.tokenizer.vocab import Vocab
-from mmehr.units import SIX_MONTHS_US
 
 
 def _values(rows: ShardRows, r: np.ndarray, from_text: np.ndarray) -> np.ndarray:
@@ -110,13 +110,15 @@ class _Fitter:
 
     def _add_gaps(self, subject: np.ndarray, time: np.ndarray) -> None:
         dt = np.diff(time)
-        n_long, rem, bins = _gap_pieces(dt[(subject[1:] == subject[:-1]) & (dt > 0)])
+        gaps = dt[(subject[1:] == subject[:-1]) & (dt > 0)]
+        n_long, bins = _gap_pieces(gaps)
+        # a long gap's n tokens share it: each stands for gap / n (ETHOS's estimate of a 6mt token)
         self.gap_n[-1] += n_long.sum()
-        self.gap_sum[-1] += n_long.sum() * float(SIX_MONTHS_US)
+        self.gap_sum[-1] += gaps[n_long > 0].astype(np.float64).sum()
         ok = bins >= 0
         self.gap_n += np.bincount(bins[ok], minlength=len(INTERVAL_BINS))
         self.gap_sum += np.bincount(
-            bins[ok], weights=rem[ok].astype(np.float64), minlength=len(INTERVAL_BINS)
+            bins[ok], weights=gaps[ok].astype(np.float64), minlength=len(INTERVAL_BINS)
         )
 
     def stats(self, n_subjects: int, min_code_count: int) -> dict:
@@ -167,6 +169,8 @@ def _bottom_k(values: pl.DataFrame, k: int) -> pl.DataFrame:
 def _deciles(
     samples: pl.DataFrame | None, names: list[str], counts: np.ndarray, min_count: int
 ) -> dict[str, list[float]]:
+    """Per code, ETHOS's decile breaks: the 0.1..0.9 quantiles (polars' default `nearest`), duplicates
+    removed, ascending (so a discrete lab has fewer breaks, and its values fill consecutive bins)."""
     keep = [i for i, n in enumerate(counts) if n >= min_count]
     if samples is None or not keep:
         return {}
@@ -174,17 +178,17 @@ def _deciles(
     edges = (
         samples.filter(pl.col("k").is_in(keep))
         .group_by("k")
-        .agg([pl.col("v").quantile(q, interpolation="linear").alias(f"e{i}") for i, q in enumerate(qs)])
+        .agg([pl.col("v").quantile(q, interpolation="nearest").alias(f"e{i}") for i, q in enumerate(qs)])
     )
-    out = {names[row[0]]: [float(x) for x in row[1:]] for row in edges.iter_rows()}
+    out = {names[row[0]]: sorted({float(x) for x in row[1:]}) for row in edges.iter_rows()}
     return dict(sorted(out.items()))
 
 
 def _interval_stats(gap_sum: np.ndarray, gap_n: np.ndarray) -> list[dict]:
     out = []
     for j, (_name, lo) in enumerate(INTERVAL_BINS):
-        hi = INTERVAL_BINS[j + 1][1] if j + 1 < len(INTERVAL_BINS) else SIX_MONTHS_US
-        fallback = (lo + hi) / 2 if j + 1 < len(INTERVAL_BINS) else float(SIX_MONTHS_US)
+        hi = INTERVAL_BINS[j + 1][1] if j + 1 < len(INTERVAL_BINS) else LONG_GAP_US
+        fallback = (lo + hi) / 2 if j + 1 < len(INTERVAL_BINS) else float(LONG_GAP_US)
         mean = gap_sum[j] / gap_n[j] if gap_n[j] else fallback
         out.append(
             {"token": INTERVAL_TOKENS[j], "lower_us": lo, "count": int(gap_n[j]), "mean_us": float(mean)}

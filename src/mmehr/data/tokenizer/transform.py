@@ -19,7 +19,6 @@ from mmehr.data.tokenizer.normalize import Normalizer
 from mmehr.data.tokenizer.presets import Preset, needed_columns, preset_from_dict, static_columns
 from mmehr.data.tokenizer.tokens import NO_TIME, QUANTILES, UNK, UNK_SUFFIX, _gap_pieces
 from mmehr.data.tokenizer.vocab import Vocab
-from mmehr.units import SIX_MONTHS_US
 
 CHUNK_ROWS = 1 << 20  # rows assembled at a time, so working memory does not grow with shard size
 
@@ -92,8 +91,10 @@ class Tokenizer:
         self.normalizer = Normalizer(preset)
         self.value_keys = sorted(stats["value_edges"])
         self._value_index = {k: i for i, k in enumerate(self.value_keys)}
-        self._edges = np.array([stats["value_edges"][k] for k in self.value_keys], dtype=np.float64)
-        self._edges = self._edges.reshape(len(self.value_keys), len(QUANTILES) - 1)
+        # breaks padded with +inf: codes with duplicate deciles removed have fewer than 9
+        self._edges = np.full((len(self.value_keys), len(QUANTILES) - 1), np.inf)
+        for i, k in enumerate(self.value_keys):
+            self._edges[i, : len(stats["value_edges"][k])] = stats["value_edges"][k]
         self._code_cache: dict[str, tuple] = {}
 
     # -- fitting -------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class Tokenizer:
         vidx = vidx_of_code[cidx]
         has_q = (vidx >= 0) & ~np.isnan(v)
         q_rows = np.nonzero(has_q)[0]
-        q = (v[q_rows, None] >= self._edges[vidx[q_rows]]).sum(axis=1)  # Q index: edges <= value
+        q = (v[q_rows, None] > self._edges[vidx[q_rows]]).sum(axis=1)  # ETHOS: a value on a break goes below
 
         first = np.ones(n, dtype=bool)
         first[1:] = sid[1:] != sid[:-1]
@@ -210,7 +211,7 @@ class Tokenizer:
         gap = np.zeros(n, dtype=np.int64)
         gap[1:] = t[1:] - t[:-1]
         gap[first] = 0
-        n_long, _rem, rem_bin = _gap_pieces(gap)
+        n_long, rem_bin = _gap_pieces(gap)
         n_int = n_long + (rem_bin >= 0)
 
         count = n_int + n_code + has_q + last
@@ -219,13 +220,15 @@ class Tokenizer:
         tokens = np.empty(total, dtype=self.vocab.dtype)
         times = np.empty(total, dtype=np.int64)
 
-        r = np.nonzero(n_int)[0]  # interval tokens: n_long x 6mt, then the remainder's bin
+        r = np.nonzero(n_int)[0]  # interval tokens: n_long x 6mt, or one bin
         pos = _ranges(start[r], n_int[r])
         row = np.repeat(r, n_int[r])
         j = pos - start[row]
-        is_long = j < n_long[row]
+        is_long = n_long[row] > 0
         tokens[pos] = np.where(is_long, self.vocab.interval_ids[-1], self.vocab.interval_ids[rem_bin[row]])
-        times[pos] = np.where(is_long, t[row] - gap[row] + (j + 1) * SIX_MONTHS_US, t[row])
+        # the k-th of n 6mt tokens at previous time + k/n of the gap: the last at the event's own time
+        step = gap[row] // np.maximum(n_long[row], 1)
+        times[pos] = np.where(is_long & (j + 1 < n_long[row]), t[row] - gap[row] + (j + 1) * step, t[row])
 
         pos = _ranges(start + n_int, n_code)  # code tokens
         tokens[pos] = ids.gather(cidx)
