@@ -30,3 +30,13 @@ def demo_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("demo_timelines") / "timelines"
     tokenize(mimic_demo_root, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ethos_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MIMIC-IV demo tokenized once per session with the `ethos` preset (ETHOS-ARES's vocabulary)."""
+    from mmehr.data.tokenize import tokenize
+
+    out = tmp_path_factory.mktemp("ethos_timelines") / "timelines"
+    tokenize(mimic_demo_root, out, preset="ethos", progress=False)
+    return out

@@ -553,8 +553,10 @@ ACES_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("timelines", ["demo_timelines", "ethos_timelines"])
 @pytest.mark.parametrize("task", list(ACES_CONFIGS))
-def test_mortality_labels_agree_with_aces(task, demo_timelines, mimic_demo_root, tmp_path):
+def test_mortality_labels_agree_with_aces(task, timelines, request, mimic_demo_root, tmp_path):
+    demo_timelines = request.getfixturevalue(timelines)  # the default preset, and ETHOS's
     aces = pytest.importorskip("aces", reason="es-aces is not installed")
     from aces import config, predicates, query
     from omegaconf import DictConfig

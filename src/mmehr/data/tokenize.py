@@ -56,6 +56,9 @@ def _splits_of(splits: pl.DataFrame, subject_ids: np.ndarray) -> np.ndarray:
     return order["split"].to_numpy()
 
 
+DEFAULT_MIN_CODE_COUNT = 10
+
+
 def detect_preset(dataset: MedsDataset) -> str:
     """Pick a preset from the codes: `LAB//RESULT//...` -> mimic_iv; older MIMIC codes -> mimic_iv_legacy."""
     first = pq.read_table(dataset.shards[0].path, columns=["code"], read_dictionary=["code"]).column("code")
@@ -76,7 +79,7 @@ def tokenize(
     out: str | Path,
     vocab_from: str | Path | None = None,
     preset: str | Path | None = None,
-    min_code_count: int = 10,
+    min_code_count: int | None = None,
     max_values_per_code: int = 10_000,
     seed: int = 0,
     progress: bool = True,
@@ -84,7 +87,8 @@ def tokenize(
     """Tokenise a MEDS root into `out` (see module doc); returns the manifest.
 
     Fits the tokenizer on the train split, or reuses the one in `vocab_from` (a complete tokenize
-    output) without refitting. `out` appears only when everything is written.
+    output) without refitting. `min_code_count` defaults to the preset's (the `ethos` preset: 1, every
+    train code, as ETHOS), else 10. `out` appears only when everything is written.
     """
     t0 = time.perf_counter()
     dataset = open_meds(meds_root, seed=seed)
@@ -97,6 +101,8 @@ def tokenize(
         tokenizer = Tokenizer.load(vocab_from)
     else:
         chosen = load_preset(preset or detect_preset(dataset))
+        if min_code_count is None:
+            min_code_count = chosen.min_code_count or DEFAULT_MIN_CODE_COUNT
         tokenizer = Tokenizer.fit(dataset, chosen, min_code_count, max_values_per_code, progress=progress)
     vocab = tokenizer.vocab
 
@@ -153,7 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", default=None, help="normalisation preset name or YAML file (default: detected from codes)"
     )
     parser.add_argument(
-        "--min-code-count", type=int, default=10, help="train count below which a code becomes <UNK>"
+        "--min-code-count",
+        type=int,
+        default=None,
+        help=f"train count below which a code becomes <UNK> (default: the preset's, else {DEFAULT_MIN_CODE_COUNT})",
     )
     parser.add_argument(
         "--max-values-per-code", type=int, default=10_000, help="train values sampled per code for deciles"
