@@ -30,7 +30,7 @@ SPLITS = ("train", "tuning", "held_out")
 def demo_out(mimic_demo_root, tmp_path_factory) -> Path:
     """The MIMIC-IV demo tokenized once per session with the default options."""
     out = tmp_path_factory.mktemp("demo") / "tok"
-    tokenize(mimic_demo_root, out, progress=False)
+    tokenize(mimic_demo_root, out, preset="mimic_iv_legacy", progress=False)
     return out
 
 
@@ -454,3 +454,11 @@ def test_a_killed_tokenize_leaves_nothing_a_later_step_trusts(mimic_demo_root, t
     assert not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
         TimelineStore(out, "train")
+
+
+def test_mimic_iv_gets_the_ethos_preset_unless_asked_otherwise(mimic_demo_root, tmp_path):
+    # The paper tokenizes MIMIC-IV as ETHOS: a dataset named MIMIC-IV gets the `ethos` preset by default.
+    manifest = tokenize(mimic_demo_root, tmp_path / "tok", progress=False)
+    assert manifest["preset"] == "ethos" and manifest["min_code_count"] == 1
+    legacy = tokenize(mimic_demo_root, tmp_path / "legacy", preset="mimic_iv_legacy", progress=False)
+    assert legacy["preset"] == "mimic_iv_legacy" and legacy["min_code_count"] == 10

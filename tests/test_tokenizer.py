@@ -368,7 +368,8 @@ def test_stats_come_from_train_only_in_a_mixed_shard(tmp_path):
     assert "LAB//77777//mg/dL" not in tb.vocab.stoi
 
 
-def test_stats_come_from_train_only_on_the_mimic_demo(mimic_demo_root, tmp_path):
+@pytest.mark.parametrize("preset", ["mimic_iv_legacy", "ethos"])
+def test_stats_come_from_train_only_on_the_mimic_demo(preset, mimic_demo_root, tmp_path):
     """Rewrite the demo's held-out shard (new codes, scaled values, shifted times) and refit: every
     fitted statistic and the vocabulary stay byte-identical."""
     copy = tmp_path / "demo"
@@ -381,14 +382,17 @@ def test_stats_come_from_train_only_on_the_mimic_demo(mimic_demo_root, tmp_path)
         pl.col("time") + pl.duration(days=17, minutes=3),
     )
     pq.write_table(df.to_arrow().cast(pq.read_schema(held)), held)
-    tokenize(mimic_demo_root, tmp_path / "a", progress=False)
-    tokenize(copy, tmp_path / "b", progress=False)
+    tokenize(mimic_demo_root, tmp_path / "a", preset=preset, progress=False)
+    tokenize(copy, tmp_path / "b", preset=preset, progress=False)
     for name in ("vocab.json", "stats.json", "tokenizer.yaml"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     vocab = Vocab.load(tmp_path / "b")
     assert not vocab.ids_matching("HELD_OUT_ONLY").size
     held_tokens = np.load(tmp_path / "b" / "held_out" / "shard-0" / "tokens.npy")
-    assert (held_tokens == vocab.unk_id).sum() >= df["code"].str.starts_with("LAB//HELD_OUT_ONLY//").sum()
+    if preset == "ethos":  # labs outside the train vocabulary are dropped, as ETHOS does
+        assert not np.isin(held_tokens, vocab.ids_matching("^LAB//")).any()
+    else:
+        assert (held_tokens == vocab.unk_id).sum() >= df["code"].str.starts_with("LAB//HELD_OUT_ONLY//").sum()
 
 
 def test_value_sampling_is_bounded_deterministic_and_close(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,12 @@ DEFAULT_MIN_CODE_COUNT = 10
 
 
 def detect_preset(dataset: MedsDataset) -> str:
-    """Pick a preset from the codes: `LAB//RESULT//...` -> mimic_iv; older MIMIC codes -> mimic_iv_legacy."""
+    """Pick a preset: MIMIC-IV (dataset.json's dataset_name) -> ethos, the paper's protocol (ETHOS-ARES's
+    vocabulary); otherwise from the codes: `LAB//RESULT//...` -> mimic_iv; older MIMIC-style codes ->
+    mimic_iv_legacy (e.g. mmehr's synthetic cohort); anything else -> generic."""
+    name = str(dataset.metadata.get("dataset_name") or "")
+    if re.match(r"(?i)^mimic[-_ ]?iv", name):
+        return "ethos"
     first = pq.read_table(dataset.shards[0].path, columns=["code"], read_dictionary=["code"]).column("code")
     codes = pl.Series(first.unify_dictionaries().chunk(0).dictionary.to_pylist() if first.num_chunks else [])
     meta = dataset.root / "metadata" / "codes.parquet"

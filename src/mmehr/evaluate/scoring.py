@@ -14,11 +14,12 @@ from mmehr.evaluate.sampler import STOP_REASONS, UNFINISHED_WARNING
 from mmehr.io import read_json
 from mmehr.units import DAY_US
 
-# Cohorts by codes in the history before the prediction time (ICD-9 and ICD-10 diagnosis tokens): where
-# the paper expects ECG (arrhythmia / ischaemia) and CXR (pulmonary) to matter most.
+# Cohorts by codes in the history before the prediction time (ICD-9 and ICD-10 diagnosis tokens, or the
+# `ethos` preset's ICD-10-CM category tokens): where the paper expects ECG (arrhythmia / ischaemia) and
+# CXR (pulmonary) to matter most.
 DEFAULT_COHORTS = {
-    "cardiac": r"^DIAGNOSIS//ICD//(9//(41[0-4]|427)|10//I(2[0-5]|4[7-9]))",
-    "pulmonary": r"^DIAGNOSIS//ICD//(9//(4[6-9]\d|5[01]\d)|10//J)",
+    "cardiac": r"^(DIAGNOSIS//ICD//(9//(41[0-4]|427)|10//I(2[0-5]|4[7-9]))|ICD//CM//I(2[0-5]|4[7-9])$)",
+    "pulmonary": r"^(DIAGNOSIS//ICD//(9//(4[6-9]\d|5[01]\d)|10//J)|ICD//CM//J)",
 }
 
 
