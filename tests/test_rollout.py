@@ -254,6 +254,22 @@ def test_probabilities_are_the_fraction_of_counted_rollouts_reaching_the_outcome
     assert np.isin(out.last_token[out.positive], [death, died]).all()
 
 
+def test_without_a_time_limit_the_simulated_time_safety_cap_leaves_rollouts_unfinished():
+    # A task with no time limit: a model that only generates 6-month gaps would never stop; past the
+    # simulated-time safety cap its rollouts are unfinished (never negative), not `time_limit`.
+    from dataclasses import replace
+
+    task = replace(load_task("icu_mortality"), time_limit_days=None)
+    r = RolloutRules.build(TaskTokens.resolve(task, VOCAB), VOCAB, V)
+    assert r.limit_us is None
+    six_months = VOCAB.stoi["INTERVAL//6mt"]
+    s = SamplerSettings(n_rollouts=2, max_new_tokens=500, max_simulated_days=3 * 365.25)
+    out = sample_rollouts(rig(gpt(), {six_months: 15.0}), contexts(), r, s)
+    step = round(VOCAB.interval_mean_us[six_months])
+    assert (out.reason == UNFINISHED).all() and not out.counted.any()
+    assert (out.n_tokens == int(3 * 365.25 * DAY_US) // step + 1).all()
+
+
 @pytest.mark.parametrize("task", ["hospital_mortality", "icu_mortality", "icu_admission"])
 def test_a_generated_discharge_to_died_is_a_death_not_a_stop(task):
     # DISCHARGE_LOCATION//DIED matches a positive pattern and the stop pattern ^DISCHARGE_LOCATION//: the

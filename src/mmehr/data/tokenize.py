@@ -162,7 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse the fitted tokenizer of an earlier tokenize output",
     )
     parser.add_argument(
-        "--preset", default=None, help="normalisation preset name or YAML file (default: detected from codes)"
+        "--preset",
+        default=None,
+        help="normalisation preset name or YAML file (default: ethos for a dataset named MIMIC-IV, the "
+        "paper's protocol; otherwise detected from the codes)",
     )
     parser.add_argument(
         "--min-code-count",
