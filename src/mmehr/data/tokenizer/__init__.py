@@ -20,8 +20,10 @@ code becomes `{LABEL}//<UNK>`): transforming any split or another dataset never 
 Modules, each importing only those above it:
 
     tokens.py     special tokens, quantile tokens, interval bins, age tokens, token kinds
-    presets.py    Rule, StaticField, OrderRule, Preset; load_preset / list_presets (mmehr/presets/*.yaml)
+    codes.py      named code transforms: ICD-9 -> ICD-10 (GEMs), ICD-10-CM / -PCS parts, drugs -> ATC
+    presets.py    Rule, StaticField, DerivedRow, OrderRule, Preset; load_preset / list_presets (presets/*.yaml)
     normalize.py  Normalizer: what a preset turns one source code into
+    rows.py       row-level steps: derived rows, values per row (e.g. "120/80"), rows dropped by value
     vocab.py      Vocab (vocab.json)
     fit.py        statistics fitted on train (counts, deciles, interval means) and the vocab built on them
     transform.py  Tokenizer (fit, transform, decode, save, load) and TokenizedShard

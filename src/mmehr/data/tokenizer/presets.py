@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmehr.config import ConfigError, from_dict, load_yaml
+from mmehr.data.tokenizer.codes import TRANSFORMS
 
 
 @dataclass
@@ -125,8 +126,6 @@ def preset_from_dict(data: dict, where: str = "preset") -> Preset:
         if rule.action == "map" and not rule.to:
             raise ConfigError(f"{where}: rules[{i}] maps {rule.match!r} but has no `to`")
         if rule.action == "transform":
-            from mmehr.data.tokenizer.codes import TRANSFORMS
-
             if rule.transform not in TRANSFORMS:
                 raise ConfigError(
                     f"{where}: rules[{i}] transform {rule.transform!r} is not one of {sorted(TRANSFORMS)}"
