@@ -379,6 +379,12 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     np.testing.assert_allclose(p * k, np.round(p * k), atol=1e-5)  # fractions of the counted rollouts
     # ETHOS's per-rollout report: the ending token, simulated beside true time to the outcome.
     assert {"last_token", "elapsed_us", "true_outcome", "true_elapsed_us", "counted"} <= set(rollouts.columns)
+    record = pl.read_parquet(task / "samples.parquet")  # labels with their true outcome and time
+    assert record["boolean_value"].to_list() == labels["boolean_value"].to_list()
+    assert (record["outcome_time"].cast(pl.Int64) == truth["outcome_time"]).all()
+    assert (
+        record["boolean_value"] == record["true_outcome"].is_in(["MEDS_DEATH", "DISCHARGE_LOCATION//DIED"])
+    ).all()
     ended = rollouts.filter(pl.col("stop_reason") == "outcome")
     assert set(ended["last_token"]) <= {"MEDS_DEATH", "DISCHARGE_LOCATION//DIED"}
     assert (rollouts["counted"] == rollouts["stop_reason"].is_in(["outcome", "stop"])).all()

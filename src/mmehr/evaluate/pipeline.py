@@ -6,6 +6,8 @@ with and without knocked-out modalities, into one output directory:
                                     sample none of whose rollouts counts (all unfinished, or left out
                                     by the task's rule) has no probability and is left out here
     OUT/<task>/labels.parquet       MEDS label table (true labels read off the real timelines)
+    OUT/<task>/samples.parquet      every sample: label, true outcome token and time (outcome_time),
+                                    probability (null: no counted rollout), counted rollouts
     OUT/<task>/rollouts.parquet     one row per rollout: stop reason, ending token, tokens generated,
                                     simulated vs true time to the outcome (+ the tokens: --save-tokens)
     OUT/<task>/metrics.json         bootstrap CIs over subjects, stop-reason shares, cohorts, knock-outs

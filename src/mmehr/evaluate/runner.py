@@ -238,9 +238,11 @@ def _rollout_frame(
 
 
 def merge_unit(unit: Unit, samples: pl.DataFrame, settings: SamplerSettings) -> pl.DataFrame:
-    """Merge a unit's chunks into rollouts.parquet and labels.parquet; returns the samples with their
-    probability (`predicted_boolean_probability`: the share of counted rollouts that reached the outcome;
-    null where none counts), `counted_rollouts` and `sample` (the row index, as in rollouts.parquet). Rank 0 only, after every rank finished its chunks."""
+    """Merge a unit's chunks into rollouts.parquet, labels.parquet (the MEDS label schema) and
+    samples.parquet (each sample's label with its true outcome token and time, probability and counted
+    rollouts); returns the samples with their probability (`predicted_boolean_probability`: the share
+    of counted rollouts that reached the outcome; null where none counts), `counted_rollouts` and
+    `sample` (the row index, as in rollouts.parquet). Rank 0 only, after every rank finished its chunks."""
     S = settings.samples_per_batch
     n_chunks = -(-samples.height // S)
     missing = [c for c in range(n_chunks) if not _chunk_path(unit, c).is_file()]
@@ -262,11 +264,24 @@ def merge_unit(unit: Unit, samples: pl.DataFrame, settings: SamplerSettings) -> 
     counted = rollouts["counted"].to_numpy()
     p = rollout_probability(sample, rollouts["positive"].to_numpy(), counted)
     n_counted = np.bincount(sample, weights=counted, minlength=samples.height).astype(np.int32)
-    return samples.with_columns(
+    scored = samples.with_columns(
         sample=pl.Series(np.arange(samples.height, dtype=np.int64)),
         predicted_boolean_probability=pl.Series(p, dtype=pl.Float32).fill_nan(None),
         counted_rollouts=pl.Series(n_counted),
     )
+    true_outcome = rollouts.group_by("sample").agg(pl.col("true_outcome").first()).sort("sample")
+    record = scored.select(
+        "subject_id",
+        pl.col("prediction_time").cast(pl.Datetime("us")),
+        "boolean_value",
+        pl.when(pl.col("outcome_pos") >= 0).then(pl.col("outcome_time")).cast(pl.Datetime("us")),
+        true_outcome=true_outcome["true_outcome"],
+        predicted_boolean_probability="predicted_boolean_probability",
+        counted_rollouts="counted_rollouts",
+    )
+    with atomic_path(unit.directory / "samples.parquet") as tmp:
+        record.write_parquet(tmp)
+    return scored
 
 
 def write_predictions(path: Path, scored: pl.DataFrame, threshold: float) -> Path:
