@@ -165,3 +165,88 @@ def test_task_labels_equal_the_default_presets(task, ethos_timelines, demo_timel
     assert (
         pos.any() and (ours["outcome_time"].to_numpy()[pos] == default["outcome_time"].to_numpy()[pos]).all()
     )
+
+
+def test_race_is_one_known_value_per_patient_and_insurance_and_bmi_follow_ethos(tmp_path):
+    from datetime import datetime, timedelta
+
+    from mmehr.data.meds import write_data_shard, write_metadata
+    from mmehr.data.tokenize import tokenize
+
+    t0 = datetime(2150, 1, 1)
+    rows = []
+    for sid in (1, 2):
+        rows += [
+            (sid, None, "GENDER//F", None, None, None, None),
+            (sid, t0, "HOSPITAL_ADMISSION//EW EMER.//EMERGENCY ROOM", None, None, "UNABLE TO OBTAIN", None),
+            (
+                sid,
+                t0 + timedelta(hours=1),
+                "BMI (kg/m2)",
+                None,
+                "4649.4",
+                None,
+                None,
+            ),  # out of range: dropped
+            (sid, t0 + timedelta(hours=2), "BMI (kg/m2)", None, "24.5", None, None),
+            (sid, t0 + timedelta(days=2), "HOSPITAL_DISCHARGE//REHAB", None, None, None, None),
+            (
+                sid,
+                t0 + timedelta(days=90),
+                "HOSPITAL_ADMISSION//ELECTIVE//CLINIC",
+                None,
+                None,
+                "ASIAN - CHINESE",
+                "Medicare",
+            ),
+        ]
+    df = pl.DataFrame(
+        rows,
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "numeric_value": pl.Float32,
+            "text_value": pl.String,
+            "race": pl.String,
+            "insurance": pl.String,
+        },
+        orient="row",
+    )
+    root = tmp_path / "meds"
+    write_data_shard(df, root / "data" / "0.parquet")
+    write_metadata(
+        root,
+        sorted(set(df["code"])),
+        {"dataset_name": "MIMIC-IV"},
+        pl.DataFrame({"subject_id": [1, 2], "split": ["train", "train"]}),
+    )
+    manifest = tokenize(root, tmp_path / "tok", progress=False)
+    assert manifest["preset"] == "ethos"
+    store = TimelineStore(tmp_path / "tok", "train")
+    tokens = store.vocab.decode(store.timeline(0)[0])
+    assert tokens[:3] == [
+        "HOSPITAL_ADMISSION",
+        "ADMISSION_TYPE//EMERGENCY",
+        "INSURANCE//UNKNOWN",
+    ]  # no insurance
+    assert tokens.count("BMI") == 1  # the implausible BMI is dropped
+    i = tokens.index("HOSPITAL_DISCHARGE")
+    assert tokens[i : i + 3] == [
+        "HOSPITAL_DISCHARGE",
+        "DISCHARGE_LOCATION//HEALTHCARE_FACILITY",
+        "DRG//UNKNOWN",
+    ]
+    j = len(tokens) - tokens[::-1].index("HOSPITAL_ADMISSION") - 1
+    assert tokens[j : j + 3] == ["HOSPITAL_ADMISSION", "ADMISSION_TYPE//SCHEDULED", "INSURANCE//Medicare"]
+    _, times = store.timeline(0)
+    # one race per patient, the known one (ASIAN, recorded later) preferred to UNKNOWN, from the first admission
+    at_first, at_bmi = int(times[0]), int(times[tokens.index("BMI")])
+    ctx = store.vocab.decode(store.static_context(0, at_bmi))
+    assert (
+        ctx[1] == "RACE//ASIAN" and store.vocab.decode(store.static_context(0, at_first))[1] == "RACE//ASIAN"
+    )
+    assert (
+        ctx[3].startswith("BMI//Q")
+        and store.vocab.decode(store.static_context(0, at_first))[3] == "BMI//<UNK>"
+    )
