@@ -349,6 +349,7 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     proc = mmehr(
         "evaluate", "--checkpoint", str(checkpoint), "--task", "icu_mortality", "--out", str(out), *EVAL_ARGS,
         "--tuning-samples", "4", "--max-new-tokens", "600",  # most rollouts of the untrained model finish
+        "--save-tokens",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve()) in proc.stdout
@@ -385,6 +386,9 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     assert (
         record["boolean_value"] == record["true_outcome"].is_in(["MEDS_DEATH", "DISCHARGE_LOCATION//DIED"])
     ).all()
+    # --save-tokens: every generated token, the ending one last
+    assert (rollouts["tokens"].list.len() == rollouts["n_tokens"]).all()
+    assert (rollouts["tokens"].list.last() == rollouts["last_token"]).all()
     ended = rollouts.filter(pl.col("stop_reason") == "outcome")
     assert set(ended["last_token"]) <= {"MEDS_DEATH", "DISCHARGE_LOCATION//DIED"}
     assert (rollouts["counted"] == rollouts["stop_reason"].is_in(["outcome", "stop"])).all()
