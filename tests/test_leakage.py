@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,9 +135,14 @@ def _train_and_evaluate(root: Path, leaky: bool) -> dict:
     )
     settings = SamplerSettings(n_rollouts=10, max_new_tokens=160, batch_rows=400)
     options = EvalOptions(threshold_from="none", knockout=("note",), unsafe_leak=leaky, n_boot=300)
-    results = evaluate(
-        model, [load_task("icu_admission")], data, settings, root / f"eval_{name}", options, progress=False
+    # The leak is measured on ICU admission alone (the preset also counts deaths, which dilute the
+    # canary's ICU signal): the target this test was calibrated on.
+    task = replace(
+        load_task("icu_admission"),
+        positive=["^ICU_ADMISSION$"],
+        stop=["^HOSPITAL_DISCHARGE$", "^MEDS_DEATH$"],
     )
+    results = evaluate(model, [task], data, settings, root / f"eval_{name}", options, progress=False)
     return results["icu_admission"]
 
 
