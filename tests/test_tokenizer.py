@@ -294,6 +294,8 @@ def test_extra_parts_join_the_last_part():
         ([{"match": "^A", "action": "split"}], "names no parts"),
         ([{"match": "^A", "action": "map"}], "has no `to`"),
         ([{"match": "^A", "action": "explode"}], "not one of"),
+        ([{"match": "^A", "action": "transform", "transform": "icd11"}], r"transform 'icd11' is not one of"),
+        ([{"match": "^A", "value_range": [1]}], r"value_range must be \[low, high\]"),
     ],
 )
 def test_bad_presets_fail_naming_the_file_and_problem(tmp_path, rules, message):

@@ -125,11 +125,10 @@ def preset_from_dict(data: dict, where: str = "preset") -> Preset:
             raise ConfigError(f"{where}: rules[{i}] splits {rule.match!r} but names no parts")
         if rule.action == "map" and not rule.to:
             raise ConfigError(f"{where}: rules[{i}] maps {rule.match!r} but has no `to`")
-        if rule.action == "transform":
-            if rule.transform not in TRANSFORMS:
-                raise ConfigError(
-                    f"{where}: rules[{i}] transform {rule.transform!r} is not one of {sorted(TRANSFORMS)}"
-                )
+        if rule.action == "transform" and rule.transform not in TRANSFORMS:
+            raise ConfigError(
+                f"{where}: rules[{i}] transform {rule.transform!r} is not one of {sorted(TRANSFORMS)}"
+            )
         if rule.value_range and len(rule.value_range) != 2:
             raise ConfigError(f"{where}: rules[{i}] value_range must be [low, high]")
     for i, o in enumerate(preset.order):
