@@ -24,9 +24,20 @@ def mimic_demo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The MIMIC-IV demo tokenized once per test session (vocab fitted on its train split)."""
+    """The MIMIC-IV demo tokenized once per test session (vocab fitted on its train split) with the
+    `mimic_iv_legacy` preset: its codes as the MEDS ETL wrote them (the default for MIMIC-IV is `ethos`)."""
     from mmehr.data.tokenize import tokenize
 
     out = tmp_path_factory.mktemp("demo_timelines") / "timelines"
-    tokenize(mimic_demo_root, out)
+    tokenize(mimic_demo_root, out, preset="mimic_iv_legacy")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ethos_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MIMIC-IV demo tokenized once per session with the `ethos` preset (ETHOS-ARES's vocabulary)."""
+    from mmehr.data.tokenize import tokenize
+
+    out = tmp_path_factory.mktemp("ethos_timelines") / "timelines"
+    tokenize(mimic_demo_root, out, preset="ethos", progress=False)
     return out

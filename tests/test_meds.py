@@ -22,6 +22,7 @@ from mmehr.data.meds import (
     write_data_shard,
     write_metadata,
 )
+from mmehr.data.tokenize import tokenize
 
 T0 = datetime(2150, 1, 1)
 
@@ -264,4 +265,31 @@ def test_demo_copy_with_a_broken_shard_fails_cleanly(mimic_demo_root, tmp_path):
     shutil.copytree(mimic_demo_root, root)
     (root / "data" / "tuning" / "0.parquet").write_bytes(b"\x00" * 100)
     with pytest.raises(MedsError, match=r"tuning/0\.parquet: not a readable parquet file"):
+        open_meds(root)
+
+
+def test_metadata_written_by_polars_is_accepted_and_tokenizes(tmp_path):
+    # polars writes codes.parquet and subject_splits.parquet with large_string and large_list<large_string>
+    # columns; the meds schemas' own `align` casts them to MEDS's string and list<string>.
+    root = make_root(tmp_path / "r", [[1, 2, 3, 4, 5]])
+    codes = pl.DataFrame(
+        {"code": ["GENDER//F", "LAB//0//u"], "description": ["sex", None], "parent_codes": [["A"], None]}
+    )
+    codes.write_parquet(root / "metadata" / "codes.parquet")
+    splits = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5], "split": ["train"] * 4 + ["held_out"]})
+    splits.write_parquet(root / "metadata" / "subject_splits.parquet")
+    schema = pq.read_schema(root / "metadata" / "codes.parquet")
+    assert schema.field("parent_codes").type == pa.large_list(pa.large_string())
+    assert open_meds(root).splits_source == "dataset"
+    manifest = tokenize(root, tmp_path / "tok", min_code_count=1, progress=False)
+    assert manifest["splits"]["train"]["subjects"] == 4
+
+
+def test_metadata_that_cannot_be_aligned_names_the_file_and_column(tmp_path):
+    root = make_root(tmp_path / "r", [[1]])
+    bad = pa.table({"code": ["GENDER//F"], "parent_codes": pa.array([7], pa.int64())})
+    pq.write_table(bad, root / "metadata" / "codes.parquet")
+    with pytest.raises(
+        MedsError, match=r"codes\.parquet: wrong dtype\(s\): parent_codes is int64, expected list"
+    ):
         open_meds(root)

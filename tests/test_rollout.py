@@ -21,10 +21,11 @@ from mmehr.batch import Batch, ModalityInputs
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.tokenizer import INTERVAL_EDGES_US, INTERVAL_TOKENS, QUANTILES, Vocab
 from mmehr.evaluate.sampler import (
-    CAP,
     OUTCOME,
+    STOP,
     STOP_REASONS,
     TIME_LIMIT,
+    UNFINISHED,
     CachedStepper,
     RecomputeStepper,
     RolloutRules,
@@ -226,7 +227,7 @@ def test_generated_times_start_at_the_prediction_time_and_only_move_forward():
     assert steps > 20  # the clock did move
 
 
-def test_probabilities_are_the_fraction_of_rollouts_reaching_the_outcome():
+def test_probabilities_are_the_fraction_of_counted_rollouts_reaching_the_outcome():
     m = gpt(seed=3)
     death = VOCAB.stoi["MEDS_DEATH"]
     with torch.no_grad():
@@ -241,19 +242,56 @@ def test_probabilities_are_the_fraction_of_rollouts_reaching_the_outcome():
     )
     p = out.probabilities()
     counts = np.bincount(out.sample, weights=out.reason == OUTCOME, minlength=3)
-    np.testing.assert_allclose(p * K, counts, atol=1e-5)
+    # icu_mortality counts rollouts that ended on the outcome or a stop token (ETHOS): not TIMELINE_END,
+    # the time limit, or the safety cap (unfinished).
+    counted = np.isin(out.reason, [OUTCOME, STOP])
+    np.testing.assert_array_equal(out.counted, counted)
+    assert (~counted).any()  # some are left out, so the two denominators differ
+    np.testing.assert_allclose(p * np.bincount(out.sample, weights=counted, minlength=3), counts, atol=1e-5)
     np.testing.assert_array_equal(out.positive, out.reason == OUTCOME)
     assert len(set(np.round(p * K).astype(int))) > 1 or 0 < p[0] < 1
-    assert (out.last_token[out.positive] == death).all()
+    died = VOCAB.stoi["DISCHARGE_LOCATION//DIED"]
+    assert np.isin(out.last_token[out.positive], [death, died]).all()
 
 
-def test_a_rollout_stops_at_the_outcome_the_time_limit_or_the_cap():
+def test_without_a_time_limit_the_simulated_time_safety_cap_leaves_rollouts_unfinished():
+    # A task with no time limit: a model that only generates 6-month gaps would never stop; past the
+    # simulated-time safety cap its rollouts are unfinished (never negative), not `time_limit`.
+    from dataclasses import replace
+
+    task = replace(load_task("icu_mortality"), time_limit_days=None)
+    r = RolloutRules.build(TaskTokens.resolve(task, VOCAB), VOCAB, V)
+    assert r.limit_us is None
+    six_months = VOCAB.stoi["INTERVAL//6mt"]
+    s = SamplerSettings(n_rollouts=2, max_new_tokens=500, max_simulated_days=3 * 365.25)
+    out = sample_rollouts(rig(gpt(), {six_months: 15.0}), contexts(), r, s)
+    step = round(VOCAB.interval_mean_us[six_months])
+    assert (out.reason == UNFINISHED).all() and not out.counted.any()
+    assert (out.n_tokens == int(3 * 365.25 * DAY_US) // step + 1).all()
+
+
+@pytest.mark.parametrize("task", ["hospital_mortality", "icu_mortality", "icu_admission"])
+def test_a_generated_discharge_to_died_is_a_death_not_a_stop(task):
+    # DISCHARGE_LOCATION//DIED matches a positive pattern and the stop pattern ^DISCHARGE_LOCATION//: the
+    # label calls it positive, so a rollout that generates it must count as reaching the outcome.
+    died, home = VOCAB.stoi["DISCHARGE_LOCATION//DIED"], VOCAB.stoi["DISCHARGE_LOCATION//HOME"]
+    s = SamplerSettings(n_rollouts=4, max_new_tokens=5)
+    out = sample_rollouts(rig(gpt(), {died: 15.0}), contexts(), rules(task), s)
+    assert (out.reason == OUTCOME).all() and (out.last_token == died).all()
+    assert (out.probabilities() == 1).all()
+    out = sample_rollouts(rig(gpt(), {home: 15.0}), contexts(), rules(task), s)
+    assert (out.reason == STOP).all() and (out.probabilities() == 0).all()
+
+
+def test_a_rollout_stops_at_the_outcome_the_time_limit_or_the_safety_cap():
     death, lab, six_months = VOCAB.stoi["MEDS_DEATH"], VOCAB.stoi["LAB//1"], VOCAB.stoi["INTERVAL//6mt"]
     batch, s = contexts(), SamplerSettings(n_rollouts=3, max_new_tokens=12)
     out = sample_rollouts(rig(gpt(), {death: 15.0}), batch, rules(), s)
     assert (out.reason == OUTCOME).all() and (out.n_tokens == 1).all() and (out.probabilities() == 1).all()
     out = sample_rollouts(rig(gpt(), {lab: 15.0}), batch, rules(), s)
-    assert (out.reason == CAP).all() and (out.n_tokens == 12).all() and (out.probabilities() == 0).all()
+    # The safety cap: unfinished, never counted; with no counted rollout a sample has no probability.
+    assert (out.reason == UNFINISHED).all() and (out.n_tokens == 12).all() and not out.counted.any()
+    assert np.isnan(out.probabilities()).all()
     out = sample_rollouts(rig(gpt(), {six_months: 15.0}), batch, rules(), s)
     step = round(VOCAB.interval_mean_us[six_months])
     limit = load_task("icu_mortality").time_limit_days * DAY_US
@@ -310,7 +348,8 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     out = tmp_path / "eval"
     proc = mmehr(
         "evaluate", "--checkpoint", str(checkpoint), "--task", "icu_mortality", "--out", str(out), *EVAL_ARGS,
-        "--tuning-samples", "4",
+        "--tuning-samples", "4", "--max-new-tokens", "600",  # most rollouts of the untrained model finish
+        "--save-tokens",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert str(out.resolve()) in proc.stdout
@@ -325,20 +364,42 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     ]
     pred = pl.read_parquet(task / "predictions.parquet")
     truth = task_samples(load_task("icu_mortality"), TimelineStore(demo_timelines, "held_out"))
-    assert pred["subject_id"].to_list() == truth["subject_id"].to_list()
-    assert pred["boolean_value"].to_list() == truth["boolean_value"].to_list()
-    assert pl.read_parquet(task / "labels.parquet").equals(
-        pred.select("subject_id", "prediction_time", "boolean_value")
+    labels = pl.read_parquet(task / "labels.parquet")
+    assert labels["subject_id"].to_list() == truth["subject_id"].to_list()
+    assert labels["boolean_value"].to_list() == truth["boolean_value"].to_list()
+    # Predictions: the samples with at least one counted rollout, with their true labels.
+    rollouts = pl.read_parquet(task / "rollouts.parquet")
+    assert rollouts.height == 5 * labels.height and set(rollouts["stop_reason"]) <= set(STOP_REASONS)
+    counted = rollouts.group_by("sample").agg(pl.col("counted").sum()).sort("sample")["counted"].to_numpy()
+    assert pred.height == int((counted > 0).sum()) > 0
+    assert pred.select("subject_id", "prediction_time", "boolean_value").equals(
+        labels.filter(pl.Series(counted > 0))
     )
     p = pred["predicted_boolean_probability"].to_numpy()
-    np.testing.assert_allclose(p * 5, np.round(p * 5), atol=1e-5)  # fractions of K = 5
-    rollouts = pl.read_parquet(task / "rollouts.parquet")
-    assert rollouts.height == 5 * pred.height and set(rollouts["stop_reason"]) <= set(STOP_REASONS)
+    k = counted[counted > 0]
+    np.testing.assert_allclose(p * k, np.round(p * k), atol=1e-5)  # fractions of the counted rollouts
+    # ETHOS's per-rollout report: the ending token, simulated beside true time to the outcome.
+    assert {"last_token", "elapsed_us", "true_outcome", "true_elapsed_us", "counted"} <= set(rollouts.columns)
+    record = pl.read_parquet(task / "samples.parquet")  # labels with their true outcome and time
+    assert record["boolean_value"].to_list() == labels["boolean_value"].to_list()
+    assert (record["outcome_time"].cast(pl.Int64) == truth["outcome_time"]).all()
+    assert (
+        record["boolean_value"] == record["true_outcome"].is_in(["MEDS_DEATH", "DISCHARGE_LOCATION//DIED"])
+    ).all()
+    # --save-tokens: every generated token, the ending one last
+    assert (rollouts["tokens"].list.len() == rollouts["n_tokens"]).all()
+    assert (rollouts["tokens"].list.last() == rollouts["last_token"]).all()
+    ended = rollouts.filter(pl.col("stop_reason") == "outcome")
+    assert set(ended["last_token"]) <= {"MEDS_DEATH", "DISCHARGE_LOCATION//DIED"}
+    assert (rollouts["counted"] == rollouts["stop_reason"].is_in(["outcome", "stop"])).all()
     metrics = json.loads((task / "metrics.json").read_text())
     threshold = json.loads((out / "thresholds.json").read_text())["icu_mortality"]
     assert metrics["threshold"] == {"value": threshold, "source": "tuning"}
     assert (pred["predicted_boolean_value"].to_numpy() == (p >= threshold)).all()
     assert sum(metrics["stop_reasons"].values()) == pytest.approx(1.0)
+    assert metrics["n_without_probability"] == labels.height - pred.height
+    assert metrics["rollouts"]["unfinished"] == (rollouts["stop_reason"] == "unfinished").sum()
+    assert "unfinished (n)" in (out / "summary.md").read_text()
     assert (
         metrics["tuning"]["n_samples"] == 4 and (task / "tuning" / "predictions.parquet").is_file()
     )  # of 15
@@ -518,8 +579,10 @@ ACES_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("timelines", ["demo_timelines", "ethos_timelines"])
 @pytest.mark.parametrize("task", list(ACES_CONFIGS))
-def test_mortality_labels_agree_with_aces(task, demo_timelines, mimic_demo_root, tmp_path):
+def test_mortality_labels_agree_with_aces(task, timelines, request, mimic_demo_root, tmp_path):
+    demo_timelines = request.getfixturevalue(timelines)  # the default preset, and ETHOS's
     aces = pytest.importorskip("aces", reason="es-aces is not installed")
     from aces import config, predicates, query
     from omegaconf import DictConfig

@@ -1,4 +1,3 @@
-import numpy as np
 import polars as pl
 import pytest
 
@@ -68,14 +67,55 @@ def test_readmission_horizon_counts_only_admissions_within_30_days(demo_timeline
     assert late.height > 0
 
 
-def test_icu_readmission_excludes_stays_ending_in_death(demo_timelines):
-    store = TimelineStore(demo_timelines, "train")
-    df = task_samples(load_task("icu_readmission"), store)
-    death = store.vocab.encode("MEDS_DEATH")
-    for row in df.iter_rows(named=True):
-        tokens, times = store.timeline(row["subject_index"])
-        same = np.asarray(times) == times[row["start_pos"]]
-        assert death not in np.asarray(tokens)[same]
+def _demo_rows(root) -> pl.DataFrame:
+    return pl.concat(
+        [
+            pl.read_parquet(f, columns=["subject_id", "time", "code", "hadm_id"])
+            for f in sorted((root / "data").rglob("*.parquet"))
+        ]
+    )
+
+
+def test_readmission_counts_a_death_within_30_days_as_positive(demo_timelines, mimic_demo_root):
+    # ETHOS: the outcome of a 30-day readmission is the next admission or death; the demo has 10
+    # discharges followed by a death (and no admission) within 30 days, all positive (53 -> 63 positives).
+    df = _all_samples(demo_timelines, "readmission_30d")
+    store = {s: TimelineStore(demo_timelines, s) for s in SPLITS}
+    outcome = []
+    for split in SPLITS:
+        for row in task_samples(load_task("readmission_30d"), store[split]).iter_rows(named=True):
+            tokens, _ = store[split].timeline(row["subject_index"])
+            outcome.append(store[split].vocab.itos[tokens[row["outcome_pos"]]])
+    df = df.with_columns(outcome=pl.Series(outcome))
+    deaths = df.filter((pl.col("outcome") == "MEDS_DEATH") & pl.col("boolean_value"))
+    assert deaths.height == 10
+    assert df["boolean_value"].sum() == 63
+    within = (df["outcome_time"] - df["prediction_time"]) <= 30 * 86_400_000_000
+    assert (df["boolean_value"] == (df["outcome"].is_in(["HOSPITAL_ADMISSION", "MEDS_DEATH"]) & within)).all()
+
+
+def test_reduced_readmission_drops_negatives_followed_for_less_than_30_days(demo_timelines):
+    full = _all_samples(demo_timelines, "readmission_30d")
+    reduced = _all_samples(demo_timelines, "readmission_30d_reduced")
+    short = ~full["boolean_value"] & ((full["outcome_time"] - full["prediction_time"]) < 30 * 86_400_000_000)
+    assert short.sum() == full.height - reduced.height == 31
+    assert reduced.equals(full.filter(~short))
+
+
+def test_icu_readmission_starts_at_the_first_icu_discharge_of_each_hospital_stay(
+    demo_timelines, mimic_demo_root
+):
+    # ETHOS: one sample per hospital stay with an ICU stay (128 of the demo's 140 ICU stays), at the first
+    # ICU discharge, kept also when a death or the hospital discharge shares its time.
+    rows = _demo_rows(mimic_demo_root).filter(pl.col("code").str.starts_with("ICU_DISCHARGE//"))
+    first = rows.group_by("subject_id", "hadm_id").agg(pl.col("time").min().cast(pl.Int64).alias("t"))
+    assert first.height == 128
+    ours = _all_samples(demo_timelines, "icu_readmission")
+    both = first.join(
+        ours, left_on=["subject_id", "t"], right_on=["subject_id", "prediction_time"], how="full"
+    )
+    assert both.height == ours.height == 128 and both["t"].null_count() == both["start_pos"].null_count() == 0
+    assert ours["boolean_value"].sum() == 13
 
 
 def test_label_table_has_the_meds_label_schema(demo_timelines):

@@ -20,9 +20,8 @@ from mmehr.cli import main
 from mmehr.data.meds import write_data_shard, write_metadata
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.tokenize import tokenize
-from mmehr.data.tokenizer import INTERVAL_BINS, UNK, Normalizer, Tokenizer, load_preset
+from mmehr.data.tokenizer import INTERVAL_BINS, LONG_GAP_US, UNK, Normalizer, Tokenizer, load_preset
 from mmehr.io import read_manifest
-from mmehr.units import SIX_MONTHS_US
 
 SPLITS = ("train", "tuning", "held_out")
 
@@ -31,7 +30,7 @@ SPLITS = ("train", "tuning", "held_out")
 def demo_out(mimic_demo_root, tmp_path_factory) -> Path:
     """The MIMIC-IV demo tokenized once per session with the default options."""
     out = tmp_path_factory.mktemp("demo") / "tok"
-    tokenize(mimic_demo_root, out, progress=False)
+    tokenize(mimic_demo_root, out, preset="mimic_iv_legacy", progress=False)
     return out
 
 
@@ -151,7 +150,7 @@ def test_demo_times_and_interval_tokens_agree(demo_out):
         tokens = np.asarray(tokens)
         assert np.all(np.diff(times) >= 0)
         assert tokens[-1] == vocab.timeline_end_id and (tokens == vocab.timeline_end_id).sum() == 1
-        # between consecutive events, the interval tokens add up to the gap (to within one bin)
+        # between consecutive events, the interval tokens stand for the gap
         is_int = interval[tokens]
         event_pos = np.nonzero(~is_int)[0]
         new_time = np.nonzero(np.diff(times[event_pos]) > 0)[0]
@@ -162,11 +161,10 @@ def test_demo_times_and_interval_tokens_agree(demo_out):
             if gap < 5 * 60e6:
                 assert len(between) == 0
                 continue
-            n_long = (between == vocab.interval_ids[-1]).sum()
-            assert n_long == gap // SIX_MONTHS_US
-            rest = gap - n_long * SIX_MONTHS_US
-            if rest >= 5 * 60e6:
-                assert lower[int(between[-1])] <= rest
+            if gap >= LONG_GAP_US:  # ETHOS: round(gap / 6 months) six-month tokens, nothing else
+                assert between.tolist() == [vocab.interval_ids[-1]] * round(gap / LONG_GAP_US)
+            else:
+                assert len(between) == 1 and lower[int(between[0])] <= gap
 
 
 def test_demo_static_context_as_of_a_time(demo_out, mimic_demo_root):
@@ -184,8 +182,10 @@ def test_demo_static_context_as_of_a_time(demo_out, mimic_demo_root):
         age = int((datetime(1970, 1, 1) + timedelta(microseconds=at) - birth).days / 365.25)
         assert ctx[0] == (gender if gender in store.vocab.stoi else "GENDER//<UNK>")
         assert ctx[3:] == [f"AGE_DECADE//{age // 10}", f"AGE_YEAR//{age % 10}"]
-        races = sub.filter(pl.col("race").is_not_null())["race"]
-        assert ctx[1] in (f"RACE//{races[0]}", "RACE//<UNK>")
+        at_dt = datetime(1970, 1, 1) + timedelta(microseconds=at)
+        races = sub.filter(pl.col("race").is_not_null() & (pl.col("time") <= at_dt))["race"]
+        # the latest race recorded by then (<UNK> if rarer than min_count), never a later one
+        assert ctx[1] in {"RACE//<UNK>"} | ({f"RACE//{races[-1]}"} if races.len() else set())
         assert store.birth_us(i) == int((birth - datetime(1970, 1, 1)) / timedelta(microseconds=1))
 
 
@@ -282,8 +282,8 @@ def test_a_dataset_in_the_current_etl_code_style_tokenizes(tmp_path):
     assert tokens.index("ICU_ADMISSION") < tokens.index("ICU_DISCHARGE")
     assert store.vocab.decode(store.static_context(0, int(store.timeline(0)[1][0]))) == [
         "GENDER//M",
-        "RACE//WHITE",
-        "MARITAL_STATUS//SINGLE",  # first seen: the admission comes after this time
+        "RACE//<UNK>",  # recorded at the admission, after this time: not known yet
+        "MARITAL_STATUS//<UNK>",
         "AGE_DECADE//6",
         "AGE_YEAR//0",
     ]
@@ -303,7 +303,7 @@ def test_static_context_takes_the_most_recent_value(tmp_path):
     def marital(hours):
         return store.vocab.decode(store.static_context(0, _us(h(hours))))[2]
 
-    assert marital(-5) == "MARITAL_STATUS//SINGLE"  # nothing yet: the first value seen
+    assert marital(-5) == "MARITAL_STATUS//<UNK>"  # nothing yet: unknown, never a later value
     assert marital(500) == "MARITAL_STATUS//SINGLE"
     assert marital(1000) == "MARITAL_STATUS//MARRIED"
     assert store.vocab.decode(store.static_context(0, _us(h(0))))[3:] == [
@@ -454,3 +454,11 @@ def test_a_killed_tokenize_leaves_nothing_a_later_step_trusts(mimic_demo_root, t
     assert not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
         TimelineStore(out, "train")
+
+
+def test_mimic_iv_gets_the_ethos_preset_unless_asked_otherwise(mimic_demo_root, tmp_path):
+    # The paper tokenizes MIMIC-IV as ETHOS: a dataset named MIMIC-IV gets the `ethos` preset by default.
+    manifest = tokenize(mimic_demo_root, tmp_path / "tok", progress=False)
+    assert manifest["preset"] == "ethos" and manifest["min_code_count"] == 1
+    legacy = tokenize(mimic_demo_root, tmp_path / "legacy", preset="mimic_iv_legacy", progress=False)
+    assert legacy["preset"] == "mimic_iv_legacy" and legacy["min_code_count"] == 10

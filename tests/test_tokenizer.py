@@ -19,6 +19,7 @@ from mmehr.data.tokenizer import (
     EVENT_TOKENS,
     INTERVAL_BINS,
     INTERVAL_TOKENS,
+    LONG_GAP_US,
     Normalizer,
     Tokenizer,
     Vocab,
@@ -27,7 +28,8 @@ from mmehr.data.tokenizer import (
     needed_columns,
     static_columns,
 )
-from mmehr.units import SIX_MONTHS_US
+from mmehr.data.tokenizer.tokens import _gap_pieces
+from mmehr.units import DAY_US
 
 T0 = datetime(2150, 3, 1, 8, 0)
 MIN = timedelta(minutes=1)
@@ -143,7 +145,7 @@ def test_timeline_tokens_follow_ethos_rules_exactly(tiny):
         "Q1",
         "INTERVAL//2h-3h",
         "LAB//50912//mg/dL",
-        "Q10",
+        "Q8",  # above all 7 distinct train breaks (2..8)
         "INTERVAL//18h-1d",
         "MEDS_DEATH",  # moved before the discharge recorded at the same time
         "HOSPITAL_DISCHARGE",
@@ -155,30 +157,56 @@ def test_timeline_tokens_follow_ethos_rules_exactly(tiny):
     assert times.tolist() == [us(t) for t in expected]
 
 
-def test_long_gaps_repeat_the_six_month_token_then_bin_the_rest(tiny):
+def test_long_gaps_are_rounded_six_month_tokens_without_a_remainder(tiny):
     tok = fit(tiny, min_code_count=1)
     tokens, times = timeline_of(tok, tiny, 2)
     i = tokens.index("INTERVAL//6mt")
-    # a year and 10 minutes = 2 x 6 months (of 365.25/2 days) + 10 minutes
-    assert tokens[i : i + 4] == ["INTERVAL//6mt", "INTERVAL//6mt", "INTERVAL//5m-15m", "HOSPITAL_ADMISSION"]
-    last = times[i - 1]
-    assert times[i] == last + SIX_MONTHS_US and times[i + 1] == last + 2 * SIX_MONTHS_US
-    assert times[i + 2] == times[i + 3]  # the remainder's bin carries the event's time
+    # a year and 10 minutes = round(365.25 / 180) = 2 six-month tokens, and no bin for the rest (ETHOS)
+    assert tokens[i : i + 3] == ["INTERVAL//6mt", "INTERVAL//6mt", "HOSPITAL_ADMISSION"]
+    last, gap = times[i - 1], times[i + 2] - times[i - 1]
+    assert times[i] == last + gap // 2 and times[i + 1] == times[i + 2]  # spread over the gap, in order
     assert np.all(np.diff(times) >= 0)
+
+
+@pytest.mark.parametrize(
+    ("days", "expected"),
+    [
+        (170, ["INTERVAL//2mt-6mt"]),
+        (180, ["INTERVAL//6mt"]),
+        (250, ["INTERVAL//6mt"]),  # 1.39 x 6 months: one token, not one plus a 70-day remainder
+        (300, ["INTERVAL//6mt"] * 2),  # 1.67: rounds up
+        (1000, ["INTERVAL//6mt"] * 6),  # 5.56
+    ],
+)
+def test_gap_tokens_round_like_ethos(days, expected):
+    n_long, bins = _gap_pieces(np.array([days * DAY_US]))
+    got = ["INTERVAL//6mt"] * int(n_long[0]) + ([INTERVAL_TOKENS[bins[0]]] if bins[0] >= 0 else [])
+    assert got == expected
 
 
 def test_values_get_train_deciles_and_missing_values_get_none(tiny):
     tok = fit(tiny, min_code_count=1)
-    # train values of LAB//50912 are 1..9: linear deciles 1.8, 2.6, ..., 8.2
-    np.testing.assert_allclose(
-        tok.stats["value_edges"]["LAB//50912//mg/dL"], np.linspace(1.8, 8.2, 9), atol=1e-6
-    )
+    # train values of LAB//50912 are 1..9: deciles (nearest) 2, 3, 3, 4, 5, 6, 7, 7, 8, duplicates removed
+    assert tok.stats["value_edges"]["LAB//50912//mg/dL"] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     tokens, _ = timeline_of(tok, tiny, 2)
     labs = [tokens[i + 1] for i, t in enumerate(tokens) if t == "LAB//50912//mg/dL"]
-    # values 2..8 -> Q2..Q8 (5.0 equals an edge: it counts in the upper bin), then NaN -> no value token
-    assert labs == ["Q2", "Q3", "Q4", "Q6", "Q7", "Q8", "Q9", "BMI (kg/m2)"]
+    # values 2..8 each equal a break: each goes to the lower bin (Q1..Q7); then NaN -> no value token
+    assert labs == ["Q1", "Q2", "Q3", "Q4", "Q5", "Q6", "Q7", "BMI (kg/m2)"]
     held, _ = timeline_of(tok, tiny, 3)
-    assert held[held.index("LAB//50912//mg/dL") + 1] == "Q10"  # beyond the train maximum
+    assert held[held.index("LAB//50912//mg/dL") + 1] == "Q8"  # beyond the last break
+
+
+def test_a_discrete_lab_fills_consecutive_bins(tmp_path):
+    # 50% ones, 30% twos, 20% threes: breaks 1, 2, 3 once each; ones -> Q1, twos -> Q2, threes -> Q3
+    # (with duplicate breaks kept and ties going up they would skip to Q5, Q9, Q10).
+    values = [1.0] * 50 + [2.0] * 30 + [3.0] * 20
+    rows = [ev(1, "GENDER//F")] + [ev(1, "LAB//1//x", T0 + i * MIN, v) for i, v in enumerate(values)]
+    root = write_dataset(tmp_path / "meds", rows, {1: "train"})
+    tok = fit(root, min_code_count=1)
+    assert tok.stats["value_edges"]["LAB//1//x"] == [1.0, 2.0, 3.0]
+    tokens, _ = timeline_of(tok, root, 1)
+    q = [tokens[i + 1] for i, t in enumerate(tokens) if t == "LAB//1//x"]
+    assert q == ["Q1"] * 50 + ["Q2"] * 30 + ["Q3"] * 20
 
 
 def test_numbers_kept_as_text_get_value_tokens_when_the_rule_says_so(tiny):
@@ -266,6 +294,8 @@ def test_extra_parts_join_the_last_part():
         ([{"match": "^A", "action": "split"}], "names no parts"),
         ([{"match": "^A", "action": "map"}], "has no `to`"),
         ([{"match": "^A", "action": "explode"}], "not one of"),
+        ([{"match": "^A", "action": "transform", "transform": "icd11"}], r"transform 'icd11' is not one of"),
+        ([{"match": "^A", "value_range": [1]}], r"value_range must be \[low, high\]"),
     ],
 )
 def test_bad_presets_fail_naming_the_file_and_problem(tmp_path, rules, message):
@@ -314,8 +344,9 @@ def test_interval_means_are_fitted_on_train_gaps(tiny):
     assert sorted(means) == tok.vocab.interval_ids.tolist()
     by_name = {tok.vocab.itos[i]: m for i, m in means.items()}
     assert by_name["INTERVAL//2h-3h"] == 120 * 60e6  # the one train gap in that bin: exactly 2 h
-    assert by_name["INTERVAL//6mt"] == SIX_MONTHS_US
-    edges = [lo for _, lo in INTERVAL_BINS] + [SIX_MONTHS_US]
+    # the one long train gap (a year and 10 minutes) is 2 six-month tokens: each stands for half of it
+    assert by_name["INTERVAL//6mt"] == timedelta(days=365.25, minutes=10) / 2 / timedelta(microseconds=1)
+    edges = [lo for _, lo in INTERVAL_BINS] + [LONG_GAP_US]
     for j, token in enumerate(INTERVAL_TOKENS[:-1]):  # fitted or midpoint: always inside the bin
         assert edges[j] <= by_name[token] < edges[j + 1]
 
@@ -339,7 +370,8 @@ def test_stats_come_from_train_only_in_a_mixed_shard(tmp_path):
     assert "LAB//77777//mg/dL" not in tb.vocab.stoi
 
 
-def test_stats_come_from_train_only_on_the_mimic_demo(mimic_demo_root, tmp_path):
+@pytest.mark.parametrize("preset", ["mimic_iv_legacy", "ethos"])
+def test_stats_come_from_train_only_on_the_mimic_demo(preset, mimic_demo_root, tmp_path):
     """Rewrite the demo's held-out shard (new codes, scaled values, shifted times) and refit: every
     fitted statistic and the vocabulary stay byte-identical."""
     copy = tmp_path / "demo"
@@ -352,14 +384,17 @@ def test_stats_come_from_train_only_on_the_mimic_demo(mimic_demo_root, tmp_path)
         pl.col("time") + pl.duration(days=17, minutes=3),
     )
     pq.write_table(df.to_arrow().cast(pq.read_schema(held)), held)
-    tokenize(mimic_demo_root, tmp_path / "a", progress=False)
-    tokenize(copy, tmp_path / "b", progress=False)
+    tokenize(mimic_demo_root, tmp_path / "a", preset=preset, progress=False)
+    tokenize(copy, tmp_path / "b", preset=preset, progress=False)
     for name in ("vocab.json", "stats.json", "tokenizer.yaml"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     vocab = Vocab.load(tmp_path / "b")
     assert not vocab.ids_matching("HELD_OUT_ONLY").size
     held_tokens = np.load(tmp_path / "b" / "held_out" / "shard-0" / "tokens.npy")
-    assert (held_tokens == vocab.unk_id).sum() >= df["code"].str.starts_with("LAB//HELD_OUT_ONLY//").sum()
+    if preset == "ethos":  # labs outside the train vocabulary are dropped, as ETHOS does
+        assert not np.isin(held_tokens, vocab.ids_matching("^LAB//")).any()
+    else:
+        assert (held_tokens == vocab.unk_id).sum() >= df["code"].str.starts_with("LAB//HELD_OUT_ONLY//").sum()
 
 
 def test_value_sampling_is_bounded_deterministic_and_close(tmp_path):
@@ -373,7 +408,7 @@ def test_value_sampling_is_bounded_deterministic_and_close(tmp_path):
     exact = fit(root, max_values_per_code=10_000).stats["value_edges"]["LAB//1//u"]
     assert a == b
     np.testing.assert_allclose(
-        exact, np.quantile(values.astype(np.float32), np.arange(1, 10) / 10), rtol=1e-6
+        exact, np.quantile(values.astype(np.float32), np.arange(1, 10) / 10, method="nearest"), rtol=1e-6
     )
     np.testing.assert_allclose(a, exact, atol=8.0)  # a 300-value sample of U(0, 100)
     assert a != exact

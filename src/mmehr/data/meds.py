@@ -137,7 +137,7 @@ def _check_codes_file(root: Path) -> None:
     path = root / meds.code_metadata_filepath
     if not path.is_file():
         raise MedsError(f"{path}: missing metadata file (every MEDS root has metadata/codes.parquet)")
-    _validate_schema(path, _read_schema(path), meds.CodeMetadataSchema)
+    _validate_schema(path, _read_schema(path), meds.CodeMetadataSchema, align=True)
 
 
 def _read_schema(path: Path) -> pa.Schema:
@@ -147,14 +147,30 @@ def _read_schema(path: Path) -> pa.Schema:
         raise MedsError(f"{path}: not a readable parquet file ({e})") from e
 
 
-def _validate_schema(path: Path, schema: pa.Schema, meds_schema: type) -> None:
-    """Check `schema` against a `meds` schema class; string vs large_string is accepted."""
+def _castable(got: pa.DataType, want: pa.DataType) -> bool:
+    """Whether pyarrow casts `got` to `want` (what the `meds` schemas' `align` does to a column)."""
+    try:
+        pa.array([], type=got).cast(want)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+
+
+def _validate_schema(path: Path, schema: pa.Schema, meds_schema: type, align: bool = False) -> None:
+    """Check `schema` against a `meds` schema class; string vs large_string is accepted.
+
+    With `align` (metadata tables, read by column name), accept what the schema's own `align` makes
+    conform: polars writes `large_string` and `large_list<large_string>`, which cast to MEDS's `string`
+    and `list<string>`. Only columns that cannot be cast are reported.
+    """
     try:
         meds_schema.validate(schema)
         return
     except SchemaValidationError as e:
         missing, extra = e.missing_req_cols or [], e.disallowed_extra_cols or []
         mistyped = [(c, w, g) for c, w, g in e.mistyped_cols or [] if not {w, g} <= _STRING_TYPES]
+        if align:
+            mistyped = [(c, w, g) for c, w, g in mistyped if not _castable(g, w)]
     problems = []
     if missing:
         problems.append(f"missing required column(s) {missing}")
@@ -203,7 +219,7 @@ def _check_one_shard_per_subject(shards: list[Shard], shard_subjects: dict[int, 
 
 def read_splits(path: Path, subject_ids: np.ndarray) -> pl.DataFrame:
     """Read `subject_splits.parquet`, keep the subjects present in the data, and check all are assigned."""
-    _validate_schema(path, _read_schema(path), meds.SubjectSplitSchema)
+    _validate_schema(path, _read_schema(path), meds.SubjectSplitSchema, align=True)
     splits = pl.read_parquet(path, columns=["subject_id", "split"])
     if splits["subject_id"].null_count() or splits["split"].null_count():
         raise MedsError(f"{path}: null subject_id or split values")

@@ -114,8 +114,9 @@ class TimelineStore:
 
     def static_context(self, i: int, at_time_us: int) -> np.ndarray:
         """Static tokens (static_len,) int64 as of `at_time_us`: per field the most recent value at or
-        before that time (else the first value seen, else the field's unknown token), then the age in
-        whole years as AGE_DECADE and AGE_YEAR tokens (unknown tokens without a birth time).
+        before that time, else the field's unknown token (as ETHOS: a later value would reveal a future
+        admission), then the age in whole years as AGE_DECADE and AGE_YEAR tokens (unknown tokens
+        without a birth time). Timeless values (e.g. GENDER//F) hold at any time.
         """
         sh, j = self._locate(i)
         a, b = int(sh["static_offsets"][j]), int(sh["static_offsets"][j + 1])
@@ -127,7 +128,7 @@ class TimelineStore:
                 out[f] = self._field_unk[f]
                 continue
             k = int(np.searchsorted(times[m], at_time_us, side="right")) - 1
-            out[f] = tokens[m][max(k, 0)]
+            out[f] = tokens[m][k] if k >= 0 else self._field_unk[f]
         birth = int(sh["birth_us"][j])
         if birth == NO_TIME:
             out[-2:] = self._age_unk

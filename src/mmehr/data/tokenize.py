@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,8 +83,16 @@ def _splits_of(splits: pl.DataFrame, subject_ids: np.ndarray) -> np.ndarray:
     return order["split"].to_numpy()
 
 
+DEFAULT_MIN_CODE_COUNT = 10
+
+
 def detect_preset(dataset: MedsDataset) -> str:
-    """Pick a preset from the codes: `LAB//RESULT//...` -> mimic_iv; older MIMIC codes -> mimic_iv_legacy."""
+    """Pick a preset: MIMIC-IV (dataset.json's dataset_name) -> ethos, the paper's protocol (ETHOS-ARES's
+    vocabulary); otherwise from the codes: `LAB//RESULT//...` -> mimic_iv; older MIMIC-style codes ->
+    mimic_iv_legacy (e.g. mmehr's synthetic cohort); anything else -> generic."""
+    name = str(dataset.metadata.get("dataset_name") or "")
+    if re.match(r"(?i)^mimic[-_ ]?iv", name):
+        return "ethos"
     first = pq.read_table(dataset.shards[0].path, columns=["code"], read_dictionary=["code"]).column("code")
     codes = pl.Series(first.unify_dictionaries().chunk(0).dictionary.to_pylist() if first.num_chunks else [])
     meta = dataset.root / "metadata" / "codes.parquet"
@@ -102,7 +111,7 @@ def tokenize(
     out: str | Path,
     vocab_from: str | Path | None = None,
     preset: str | Path | None = None,
-    min_code_count: int = 10,
+    min_code_count: int | None = None,
     max_values_per_code: int = 10_000,
     seed: int = 0,
     progress: bool = True,
@@ -110,7 +119,8 @@ def tokenize(
     """Tokenise a MEDS root into `out` (see module doc); returns the manifest.
 
     Fits the tokenizer on the train split, or reuses the one in `vocab_from` (a complete tokenize
-    output) without refitting. `out` appears only when everything is written.
+    output) without refitting. `min_code_count` defaults to the preset's (the `ethos` preset: 1, every
+    train code, as ETHOS), else 10. `out` appears only when everything is written.
     """
     t0 = time.perf_counter()
     check_output(out, "tokenize", inputs=[meds_root, vocab_from])  # before the fit, not after
@@ -124,6 +134,8 @@ def tokenize(
         tokenizer = Tokenizer.load(vocab_from)
     else:
         chosen = load_preset(preset or detect_preset(dataset))
+        if min_code_count is None:
+            min_code_count = chosen.min_code_count or DEFAULT_MIN_CODE_COUNT
         tokenizer = Tokenizer.fit(dataset, chosen, min_code_count, max_values_per_code, progress=progress)
     vocab = tokenizer.vocab
 
@@ -187,10 +199,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reuse the fitted tokenizer of an earlier tokenize output",
     )
     parser.add_argument(
-        "--preset", default=None, help="normalisation preset name or YAML file (default: detected from codes)"
+        "--preset",
+        default=None,
+        help="normalisation preset name or YAML file (default: ethos for a dataset named MIMIC-IV, the "
+        "paper's protocol; otherwise detected from the codes)",
     )
     parser.add_argument(
-        "--min-code-count", type=int, default=10, help="train count below which a code becomes <UNK>"
+        "--min-code-count",
+        type=int,
+        default=None,
+        help=f"train count below which a code becomes <UNK> (default: the preset's, else {DEFAULT_MIN_CODE_COUNT})",
     )
     parser.add_argument(
         "--max-values-per-code", type=int, default=10_000, help="train values sampled per code for deciles"

@@ -17,11 +17,13 @@ from mmehr.checkpoint import check_vocabulary, load_model, resolve_checkpoint
 from mmehr.distributed import Distributed, set_threads
 from mmehr.evaluate.pipeline import evaluate
 from mmehr.evaluate.runner import EvalData
-from mmehr.evaluate.sampler import CAP_WARNING, SamplerSettings
+from mmehr.evaluate.sampler import UNFINISHED_WARNING, SamplerSettings
 from mmehr.evaluate.scoring import DEFAULT_COHORTS, EvalOptions, fixed_threshold, format_ci
 from mmehr.evaluate.tasks import load_task
 from mmehr.model.gpt import GPT
 from mmehr.runconfig import TrainConfig, modality_stores
+
+ROLLOUT_ROOM = 256  # tokens a rollout generates before the KV cache first slides (default context)
 
 
 def auto_batch_rows(model: GPT, max_len: int, device: torch.device | str, n_rollouts: int) -> int:
@@ -56,7 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at most N tuning-split samples for the threshold (default: --max-samples)",
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="cap of generated tokens per rollout")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=SamplerSettings.max_new_tokens,
+        help="safety cap of generated tokens per rollout (ETHOS has none): a rollout that reaches it is "
+        f"reported as unfinished and never counted (default {SamplerSettings.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--max-simulated-days",
+        type=float,
+        default=SamplerSettings.max_simulated_days,
+        help="safety cap on a rollout's simulated time for tasks without a time limit (unfinished past it; "
+        f"default {SamplerSettings.max_simulated_days})",
+    )
+    parser.add_argument(
+        "--save-tokens", action="store_true", help="keep every generated token in rollouts.parquet"
+    )
     parser.add_argument(
         "--batch-size", type=int, default=None, help="rollouts decoded together (default: fit memory)"
     )
@@ -64,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-tokens",
         type=int,
         default=None,
-        help="context length, static prefix included (default: block_size - max_new_tokens, at least block_size/2)",
+        help=f"context length, static prefix included (default: block_size - {ROLLOUT_ROOM}, at least block_size/2)",
     )
     parser.add_argument(
         "--hide-modality", nargs="+", default=[], metavar="NAME", help="evaluate with these hidden"
@@ -124,15 +142,15 @@ def _parse_cohorts(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def default_context_tokens(block_size: int, max_new_tokens: int) -> int:
+def default_context_tokens(block_size: int) -> int:
     """Leave room for the rollout before the first slide, but keep at least half the block as context."""
-    return max(block_size - max_new_tokens, block_size // 2)
+    return max(block_size - ROLLOUT_ROOM, block_size // 2)
 
 
 def eval_data_from_config(cfg: TrainConfig, args: argparse.Namespace) -> EvalData:
     """The timelines and modality stores a checkpoint was trained on (`--timelines` overrides the former)."""
     block = cfg.model.block_size
-    context = args.context_tokens or default_context_tokens(block, args.max_new_tokens)
+    context = args.context_tokens or default_context_tokens(block)
     if not 1 <= context <= block:
         raise ValueError(f"--context-tokens {context} must be in [1, block_size {block}]")
     mods = {name: cfg.data.modalities[name] for name in cfg.model.modalities}
@@ -195,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             n_rollouts=args.rollouts,
             temperature=args.temperature,
             max_new_tokens=args.max_new_tokens,
+            max_simulated_days=args.max_simulated_days,
             batch_rows=batch_rows,
             seed=args.seed,
         )
@@ -208,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             cohorts=_parse_cohorts(args.cohort),
             n_boot=args.bootstrap,
             reference=not args.no_reference,
+            save_tokens=args.save_tokens,
         )
         results = evaluate(
             model,
@@ -227,14 +247,16 @@ def run(args: argparse.Namespace) -> int:
         for name, r in results.items():
             m, s = r["metrics"], r["stop_reasons"]
             print(
-                f"{name}: n={r['n_samples']} ({r['n_positive']} positive)  AUROC {format_ci(m, 'auroc')}  "
-                f"AUPRC {format_ci(m, 'auprc')}  F1 {format_ci(m, 'f1_macro')}  rollouts ended by outcome {s['outcome']:.0%}, "
-                f"stop {s['stop']:.0%}, time limit {s['time_limit']:.0%}, cap {s['cap']:.0%}"
+                f"{name}: n={r['n_samples']} ({r['n_positive']} positive, {r['n_without_probability']} without "
+                f"a probability)  AUROC {format_ci(m, 'auroc')}  AUPRC {format_ci(m, 'auprc')}  "
+                f"F1 {format_ci(m, 'f1_macro')}  rollouts ended by outcome {s['outcome']:.0%}, "
+                f"stop {s['stop']:.0%}, timeline end {s['timeline_end']:.0%}, time limit {s['time_limit']:.0%}, "
+                f"unfinished {r['rollouts']['unfinished']} ({s['unfinished']:.1%})"
             )
-            if s["cap"] > CAP_WARNING:
+            if s["unfinished"] > UNFINISHED_WARNING:
                 print(
-                    f"  warning: {s['cap']:.0%} of {name}'s rollouts hit the cap of {args.max_new_tokens} tokens "
-                    "(counted as negative): raise --max-new-tokens",
+                    f"  warning: {s['unfinished']:.0%} of {name}'s rollouts reached the safety cap of "
+                    f"{args.max_new_tokens} tokens unfinished (never counted): raise --max-new-tokens",
                     file=sys.stderr,
                 )
         print(

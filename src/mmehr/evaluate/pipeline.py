@@ -2,9 +2,14 @@
 with and without knocked-out modalities, into one output directory:
 
     OUT/<task>/predictions.parquet  MEDS prediction schema (meds-evaluation's PredictionSchema); the
-                                    predicted value uses the threshold chosen on the tuning split
+                                    predicted value uses the threshold chosen on the tuning split; a
+                                    sample none of whose rollouts counts (all unfinished, or left out
+                                    by the task's rule) has no probability and is left out here
     OUT/<task>/labels.parquet       MEDS label table (true labels read off the real timelines)
-    OUT/<task>/rollouts.parquet     one row per rollout: stop reason, tokens generated, simulated time
+    OUT/<task>/samples.parquet      every sample: label, true outcome token and time (outcome_time),
+                                    probability (null: no counted rollout), counted rollouts
+    OUT/<task>/rollouts.parquet     one row per rollout: stop reason, ending token, tokens generated,
+                                    simulated vs true time to the outcome (+ the tokens: --save-tokens)
     OUT/<task>/metrics.json         bootstrap CIs over subjects, stop-reason shares, cohorts, knock-outs
     OUT/<task>/curves.png           ROC, precision-recall and calibration
     OUT/<task>/tuning/              the tuning split's evaluation (the threshold's source)
@@ -41,6 +46,7 @@ from mmehr.evaluate.scoring import (
     EvalOptions,
     clean_json,
     cohort_members,
+    conclusive,
     fixed_threshold,
     summary_markdown,
     unit_summary,
@@ -63,6 +69,7 @@ def evaluate_task(
     fingerprint_extra: dict | None = None,
 ) -> dict | None:
     """Evaluate one task into `out/<task>/`; returns its metrics.json content (None on ranks > 0)."""
+    extra = {**(fingerprint_extra or {}), "save_tokens": options.save_tokens}
     base = out / task.name
     variants = [tuple(options.hidden)] + [(*tuple(options.hidden), m) for m in options.knockout]
     units: dict[tuple, Unit] = {}
@@ -82,8 +89,9 @@ def evaluate_task(
             else options.max_samples,
             device=device,
             progress=progress,
-            fingerprint_extra=fingerprint_extra,
+            fingerprint_extra=extra,
             unsafe_leak=options.unsafe_leak,
+            save_tokens=options.save_tokens,
         )
         for key, u in units.items()
     }
@@ -99,7 +107,7 @@ def evaluate_task(
     for hidden in variants:
         main = scored[hidden, options.split]
         if options.threshold_from == "tuning":
-            tuning = scored[hidden, "tuning"]  # the main unit itself when evaluating the tuning split
+            tuning = conclusive(scored[hidden, "tuning"])  # the main unit itself on the tuning split
             threshold = choose_threshold(
                 tuning["boolean_value"].to_numpy(), tuning["predicted_boolean_probability"].to_numpy()
             )
@@ -107,7 +115,9 @@ def evaluate_task(
             threshold = fixed_threshold(options.threshold_from, task.name)
         for split in {options.split, "tuning"} & {s for h, s in units if h == hidden}:
             write_predictions(
-                units[hidden, split].directory / "predictions.parquet", scored[hidden, split], threshold
+                units[hidden, split].directory / "predictions.parquet",
+                conclusive(scored[hidden, split]),
+                threshold,
             )
         result = unit_summary(main, rollouts[hidden, options.split], threshold, options.n_boot)
         result["threshold"] = {"value": threshold, "source": options.threshold_from}
@@ -117,7 +127,7 @@ def evaluate_task(
         results[hidden] = result
 
     full = results[variants[0]]
-    main = scored[variants[0], options.split]
+    main = conclusive(scored[variants[0], options.split])
     y = main["boolean_value"].to_numpy()
     p = main["predicted_boolean_probability"].to_numpy()
     groups = main["subject_id"].to_numpy()
@@ -138,14 +148,31 @@ def evaluate_task(
     full["knockout"] = {}
     curves = [("model" if not options.hidden else f"without {'+'.join(options.hidden)}", y, p)]
     for hidden in variants[1:]:
-        q = scored[hidden, options.split]["predicted_boolean_probability"].to_numpy()
+        both = scored[variants[0], options.split].join(
+            scored[hidden, options.split].select("sample", q="predicted_boolean_probability"),
+            on="sample",
+        )
+        both = conclusive(both).drop_nulls("q")  # paired: samples with a probability in both runs
+        q = scored[hidden, options.split]["predicted_boolean_probability"].drop_nulls().to_numpy()
         full["knockout"][hidden[-1]] = {
             "metrics": results[hidden]["metrics"],
             "stop_reasons": results[hidden]["stop_reasons"],
             "threshold": results[hidden]["threshold"],
-            "auroc_difference": paired_auroc_difference(y, p, q, groups=groups, n_boot=options.n_boot),
+            "auroc_difference": paired_auroc_difference(
+                both["boolean_value"].to_numpy(),
+                both["predicted_boolean_probability"].to_numpy(),
+                both["q"].to_numpy(),
+                groups=both["subject_id"].to_numpy(),
+                n_boot=options.n_boot,
+            ),
         }
-        curves.append((f"without {hidden[-1]}", y, q))
+        curves.append(
+            (
+                f"without {hidden[-1]}",
+                conclusive(scored[hidden, options.split])["boolean_value"].to_numpy(),
+                q,
+            )
+        )
     if options.reference and options.split != "train":
         reference_data = ReferenceData(
             context_tokens=data.context_tokens,
@@ -265,7 +292,7 @@ def _evaluate(
         "split": options.split,
         "rollouts per sample": settings.n_rollouts,
         "temperature": settings.temperature,
-        "max new tokens": settings.max_new_tokens,
+        "safety cap (tokens per rollout)": settings.max_new_tokens,
         "context tokens": data.context_tokens,
         "hidden modalities": ", ".join(options.hidden) or "none",
         "threshold from": options.threshold_from,

@@ -6,6 +6,10 @@ rank c % world_size; each finished chunk is written atomically, and a chunk's ra
 (seed, chunk), so sharded, resumed and single runs give the same rollouts. A unit's directory holds
 `chunks/` (with `settings.json`, the fingerprint a rerun must match), then, merged by rank 0,
 `rollouts.parquet`, `labels.parquet` and `predictions.parquet`.
+
+`rollouts.parquet` reports each rollout as ETHOS-ARES does: why it stopped and the token that ended it,
+its simulated time to that token beside the real timeline's time to the sample's outcome, whether it
+counts in the probability, and with `save_tokens` every generated token.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from mmehr.config import to_dict
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.windows import ModalitySource, assemble
 from mmehr.distributed import Distributed
-from mmehr.evaluate.sampler import STOP_REASONS, RolloutRules, SamplerSettings, sample_rollouts
+from mmehr.evaluate.sampler import (
+    STOP_REASONS,
+    RolloutRules,
+    SamplerSettings,
+    rollout_probability,
+    sample_rollouts,
+)
 from mmehr.evaluate.tasks import TaskConfig, TaskTokens, task_samples, to_label_table
 from mmehr.io import atomic_path, read_json, write_json
 from mmehr.model.gpt import GPT
@@ -47,10 +57,14 @@ ROLLOUT_COLUMNS = {
     "rollout": pl.Int32,
     "positive": pl.Boolean,
     "stop_reason": pl.String,
+    "counted": pl.Boolean,
+    "last_token": pl.String,
     "n_tokens": pl.Int32,
     "elapsed_us": pl.Int64,
-    "last_token": pl.String,
+    "true_outcome": pl.String,
+    "true_elapsed_us": pl.Int64,
 }
+TOKENS_COLUMN = ("tokens", pl.List(pl.String))  # with save_tokens: the generated tokens, the last included
 
 
 @dataclass
@@ -118,13 +132,15 @@ def run_unit(
     device: torch.device | str = "cpu",
     fingerprint_extra: dict | None = None,
     unsafe_leak: bool = False,
+    save_tokens: bool = False,
     progress: bool = True,
 ) -> pl.DataFrame:
     """Sample every chunk of a unit this rank owns (skipping finished ones); returns the unit's samples.
 
     Chunk c holds samples [c S, (c + 1) S) (S = settings.samples_per_batch) and belongs to rank c % world.
     Each finished chunk is written atomically, so an interruption loses at most the chunk in flight.
-    `unsafe_leak` builds contexts with the windows' `unsafe_ignore_event_time` (leakage test only).
+    `unsafe_leak` builds contexts with the windows' `unsafe_ignore_event_time` (leakage test only);
+    `save_tokens` keeps every generated token in the rollout records.
     """
     store = TimelineStore(data.timelines, unit.split)
     samples = task_samples(unit.task, store, max_samples=max_samples)
@@ -174,27 +190,12 @@ def run_unit(
                 batch,
                 rules,
                 settings,
+                trace=save_tokens,
                 generator=generator,
                 cache_dtype=torch.bfloat16 if cuda else None,
             )
         generated += out.stats["generated_tokens"]
-        k = out.sample
-        frame = pl.DataFrame(
-            {
-                "sample": c * S + k,
-                "subject_id": part["subject_id"].to_numpy()[k],
-                "prediction_time": part["prediction_time"].to_numpy()[k],
-                "rollout": out.rollout,
-                "positive": out.positive,
-                "stop_reason": np.asarray(STOP_REASONS)[out.reason],
-                "n_tokens": out.n_tokens,
-                "elapsed_us": out.elapsed_us,
-                "last_token": [
-                    store.vocab.itos[t] if 0 <= t < len(store.vocab) else "" for t in out.last_token
-                ],
-            },
-            schema=ROLLOUT_COLUMNS,
-        )
+        frame = _rollout_frame(out, part, c * S, store, save_tokens)
         with atomic_path(_chunk_path(unit, c)) as tmp:
             frame.write_parquet(tmp)
         bar.update(part.height)
@@ -203,9 +204,45 @@ def run_unit(
     return samples
 
 
+def _rollout_frame(
+    out, part: pl.DataFrame, first: int, store: TimelineStore, save_tokens: bool
+) -> pl.DataFrame:
+    """One chunk's rollout records (ROLLOUT_COLUMNS, + `tokens` with save_tokens)."""
+    itos = np.asarray([*store.vocab.itos, ""], dtype=object)  # -1 (nothing generated) -> ""
+    k = out.sample
+    true_outcome = [
+        store.vocab.itos[int(store.timeline(i)[0][pos])] if pos >= 0 else ""
+        for i, pos in zip(part["subject_index"].to_list(), part["outcome_pos"].to_list())
+    ]
+    t_pred, t_out = part["prediction_time"].to_numpy(), part["outcome_time"].to_numpy()
+    true_elapsed = np.where(part["outcome_pos"].to_numpy() >= 0, t_out - t_pred, -1)
+    columns = {
+        "sample": first + k,
+        "subject_id": part["subject_id"].to_numpy()[k],
+        "prediction_time": t_pred[k],
+        "rollout": out.rollout,
+        "positive": out.positive,
+        "stop_reason": np.asarray(STOP_REASONS)[out.reason],
+        "counted": out.counted,
+        "last_token": itos[out.last_token],
+        "n_tokens": out.n_tokens,
+        "elapsed_us": out.elapsed_us,
+        "true_outcome": np.asarray(true_outcome, dtype=object)[k],
+        "true_elapsed_us": true_elapsed[k],
+    }
+    schema = dict(ROLLOUT_COLUMNS)
+    if save_tokens:
+        columns[TOKENS_COLUMN[0]] = [list(itos[row[row >= 0]]) for row in out.tokens]
+        schema[TOKENS_COLUMN[0]] = TOKENS_COLUMN[1]
+    return pl.DataFrame(columns, schema=schema)
+
+
 def merge_unit(unit: Unit, samples: pl.DataFrame, settings: SamplerSettings) -> pl.DataFrame:
-    """Merge a unit's chunks into rollouts.parquet and labels.parquet; returns the samples with their
-    probability (`predicted_boolean_probability`). Rank 0 only, after every rank finished its chunks."""
+    """Merge a unit's chunks into rollouts.parquet, labels.parquet (the MEDS label schema) and
+    samples.parquet (each sample's label with its true outcome token and time, probability and counted
+    rollouts); returns the samples with their probability (`predicted_boolean_probability`: the share
+    of counted rollouts that reached the outcome; null where none counts), `counted_rollouts` and
+    `sample` (the row index, as in rollouts.parquet). Rank 0 only, after every rank finished its chunks."""
     S = settings.samples_per_batch
     n_chunks = -(-samples.height // S)
     missing = [c for c in range(n_chunks) if not _chunk_path(unit, c).is_file()]
@@ -220,14 +257,31 @@ def merge_unit(unit: Unit, samples: pl.DataFrame, settings: SamplerSettings) -> 
         rollouts.write_parquet(tmp)
     with atomic_path(unit.directory / "labels.parquet") as tmp:
         to_label_table(samples).write_parquet(tmp)
-    prob = (
-        rollouts.group_by("sample").agg(pl.col("positive").mean().cast(pl.Float32).alias("p")).sort("sample")
+    n_sampled = rollouts["sample"].n_unique()
+    if n_sampled != samples.height:
+        raise RuntimeError(f"{unit.directory}: {n_sampled} samples have rollouts, expected {samples.height}")
+    sample = rollouts["sample"].to_numpy()
+    counted = rollouts["counted"].to_numpy()
+    p = rollout_probability(sample, rollouts["positive"].to_numpy(), counted)
+    n_counted = np.bincount(sample, weights=counted, minlength=samples.height).astype(np.int32)
+    scored = samples.with_columns(
+        sample=pl.Series(np.arange(samples.height, dtype=np.int64)),
+        predicted_boolean_probability=pl.Series(p, dtype=pl.Float32).fill_nan(None),
+        counted_rollouts=pl.Series(n_counted),
     )
-    if prob.height != samples.height:
-        raise RuntimeError(
-            f"{unit.directory}: {prob.height} samples have rollouts, expected {samples.height}"
-        )
-    return samples.with_columns(predicted_boolean_probability=prob["p"])
+    true_outcome = rollouts.group_by("sample").agg(pl.col("true_outcome").first()).sort("sample")
+    record = scored.select(
+        "subject_id",
+        pl.col("prediction_time").cast(pl.Datetime("us")),
+        "boolean_value",
+        pl.when(pl.col("outcome_pos") >= 0).then(pl.col("outcome_time")).cast(pl.Datetime("us")),
+        true_outcome=true_outcome["true_outcome"],
+        predicted_boolean_probability="predicted_boolean_probability",
+        counted_rollouts="counted_rollouts",
+    )
+    with atomic_path(unit.directory / "samples.parquet") as tmp:
+        record.write_parquet(tmp)
+    return scored
 
 
 def write_predictions(path: Path, scored: pl.DataFrame, threshold: float) -> Path:

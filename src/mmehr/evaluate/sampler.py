@@ -4,15 +4,20 @@ For each task sample the model is conditioned on its context (static prefix + th
 task's context end, and the modality events acquired strictly before the prediction time, compressed once)
 and K futures are sampled. A rollout stops at the first of:
 
-    outcome       a token matching the task's `positive` patterns (the rollout is positive)
+    outcome       a token matching the task's `positive` patterns (the rollout is positive; a token that
+                  matches both a positive and a stop pattern, e.g. DISCHARGE_LOCATION//DIED, is an outcome)
     stop          a token matching the task's `stop` patterns
     timeline_end  TIMELINE_END
     time_limit    the simulated clock passes the task's time limit (or its horizon, if shorter)
-    cap           `max_new_tokens` generated without any of the above
+    unfinished    a safety cap (`max_new_tokens`, or `max_simulated_days` for a task without a time
+                  limit) reached without any of the above: ETHOS has no token cap, so such a rollout
+                  is no evidence either way and never counts as negative
 
 The clock starts at the time of the last context token and advances only by the vocabulary's fitted mean
 duration of each generated interval token, so it never moves backwards and never precedes the
-prediction time. The probability of a sample is the fraction of its K rollouts that stopped on `outcome`.
+prediction time. The probability of a sample is the fraction of its counted rollouts that stopped on
+`outcome`: unfinished rollouts and those whose reason the task lists in `exclude_from_probability`
+(ETHOS leaves TIMELINE_END and time-limit rollouts out for hospital mortality) are not counted.
 
 All K rollouts of a batch of samples run as one batch: each context is prefilled once into a
 preallocated KV cache and fanned out K times; finished rollouts are retired by compacting the cache
@@ -30,15 +35,15 @@ import torch
 from torch import Tensor
 
 from mmehr.batch import Batch
-from mmehr.evaluate.tasks import TaskTokens
+from mmehr.evaluate.tasks import STOP_REASONS, TaskTokens
 from mmehr.model.decoder import kept_on_slide, slide_window
 from mmehr.model.fusion import Media
 from mmehr.model.gpt import GPT
 from mmehr.units import DAY_US
 
-STOP_REASONS = ("outcome", "stop", "timeline_end", "time_limit", "cap")
-OUTCOME, STOP, TIMELINE_END, TIME_LIMIT, CAP = range(len(STOP_REASONS))
-CAP_WARNING = 0.2  # share of capped rollouts above which a task's probabilities are flagged as underestimated
+OUTCOME, STOP, TIMELINE_END, TIME_LIMIT, UNFINISHED = range(len(STOP_REASONS))
+# Share of unfinished rollouts above which a task's summary warns: its probabilities rest on fewer rollouts.
+UNFINISHED_WARNING = 0.05
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,8 +55,10 @@ class RolloutRules:
     """A task's stopping rules over the model's vocabulary, as tensors on the sampling device.
 
     allowed (V,) bool: ids that may be sampled (generatable and inside the tokenizer's vocabulary);
-    positive, stop (V,) bool; timeline_end: id; interval_us (V,) int64: fitted mean duration of each
-    interval token (0 for every other token); limit_us: the clock limit after the prediction time.
+    positive, stop (V,) bool (disjoint: a token matching both is positive); timeline_end: id;
+    interval_us (V,) int64: fitted mean duration of each interval token (0 for every other token);
+    limit_us: the task's clock limit after the prediction time (None: the task has none);
+    counted (len(STOP_REASONS),) bool: which stop reasons enter the probability's denominator.
     """
 
     allowed: Tensor
@@ -59,7 +66,8 @@ class RolloutRules:
     stop: Tensor
     timeline_end: int
     interval_us: Tensor
-    limit_us: int
+    limit_us: int | None
+    counted: np.ndarray = field(default_factory=lambda: np.ones(len(STOP_REASONS), dtype=bool))
 
     @classmethod
     def build(
@@ -81,16 +89,22 @@ class RolloutRules:
         for i, mean_us in vocab.interval_mean_us.items():
             interval[int(i)] = max(round(mean_us), 0)  # a duration never moves the clock back
         task = tt.task
-        days = min(task.time_limit_days, task.horizon_days if task.horizon_days is not None else np.inf)
-        stop = tt.stop.copy()
+        days = min(
+            np.inf if task.time_limit_days is None else task.time_limit_days,
+            np.inf if task.horizon_days is None else task.horizon_days,
+        )
+        stop = tt.stop & ~tt.positive  # the outcome wins: DISCHARGE_LOCATION//DIED is a death, not a stop
         stop[vocab.timeline_end_id] = False  # reported as its own reason
+        counted = np.array([r not in task.exclude_from_probability for r in STOP_REASONS])
+        counted[UNFINISHED] = False
         return cls(
             allowed=pad(vocab.generatable_mask()),
             positive=pad(tt.positive),
             stop=pad(stop),
             timeline_end=int(vocab.timeline_end_id),
             interval_us=pad(interval),
-            limit_us=int(days * DAY_US),
+            limit_us=None if np.isinf(days) else int(days * DAY_US),
+            counted=counted,
         )
 
 
@@ -99,14 +113,17 @@ class SamplerSettings:
     """How futures are sampled.
 
     n_rollouts: K futures per sample. temperature: softmax temperature (0 = greedy argmax).
-    max_new_tokens: cap per rollout. batch_rows: rollouts decoded together (samples per batch =
-    batch_rows // K). retire_below: compact the batch (drop finished rows from the cache) once fewer
-    than this share of its rows are still running. seed: of the sampling generator.
+    max_new_tokens: safety cap per rollout (ETHOS has none; a rollout that reaches it is `unfinished`).
+    max_simulated_days: safety cap on the simulated clock for tasks without a time limit (also
+    `unfinished`). batch_rows: rollouts decoded together (samples per batch = batch_rows // K).
+    retire_below: compact the batch (drop finished rows from the cache) once fewer than this share of
+    its rows are still running. seed: of the sampling generator.
     """
 
     n_rollouts: int = 20
     temperature: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 8192
+    max_simulated_days: float = 3652.5
     batch_rows: int = 512
     retire_below: float = 0.75
     seed: int = 0
@@ -114,6 +131,8 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.n_rollouts < 1 or self.max_new_tokens < 1 or self.batch_rows < 1:
             raise ValueError("n_rollouts, max_new_tokens and batch_rows must be >= 1")
+        if not self.max_simulated_days > 0:
+            raise ValueError(f"max_simulated_days must be > 0, got {self.max_simulated_days}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.retire_below <= 1.0:
@@ -129,15 +148,17 @@ class Rollouts:
     """Per-rollout records of S samples x K rollouts, rollout r = sample * K + k (numpy).
 
     sample (R,) int64 index into the context batch; rollout (R,) k; positive (R,) bool; reason (R,)
-    int8 index into STOP_REASONS; n_tokens (R,) int32 generated tokens (the stopping token included);
-    elapsed_us (R,) int64 simulated time from the last context token to the stop; last_token (R,) int32.
-    With tracing: tokens (R, max_new_tokens) int64 (-1 after the stop) and times (R, max_new_tokens) µs.
+    int8 index into STOP_REASONS; counted (R,) bool: whether the rollout enters its sample's probability;
+    n_tokens (R,) int32 generated tokens (the stopping token included); elapsed_us (R,) int64 simulated
+    time from the last context token to the stop; last_token (R,) int32, the token that ended it. With
+    tracing: tokens (R, n) int64 (-1 after the stop) and times (R, n) µs, n = the longest rollout.
     """
 
     sample: np.ndarray
     rollout: np.ndarray
     positive: np.ndarray
     reason: np.ndarray
+    counted: np.ndarray
     n_tokens: np.ndarray
     elapsed_us: np.ndarray
     last_token: np.ndarray
@@ -146,12 +167,18 @@ class Rollouts:
     stats: dict = field(default_factory=dict)
 
     def probabilities(self) -> np.ndarray:
-        """(S,) float32: the fraction of each sample's K rollouts that reached the outcome."""
-        n = int(self.sample.max()) + 1 if self.sample.size else 0
-        k = np.bincount(self.sample, minlength=n)
-        return (np.bincount(self.sample, weights=self.positive, minlength=n) / np.maximum(k, 1)).astype(
-            np.float32
-        )
+        """(S,) float32: the share of each sample's counted rollouts that reached the outcome; NaN for a
+        sample none of whose rollouts counts."""
+        return rollout_probability(self.sample, self.positive, self.counted)
+
+
+def rollout_probability(sample: np.ndarray, positive: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """(S,) float32: per sample index, positive counted rollouts / counted rollouts (NaN if none count)."""
+    n = int(sample.max()) + 1 if sample.size else 0
+    k = np.bincount(sample, weights=counted, minlength=n)
+    hits = np.bincount(sample, weights=positive & counted, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, hits / np.maximum(k, 1), np.nan).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,14 +323,17 @@ def sample_rollouts(
     R = S * K
     start = times[torch.arange(S, device=device), lengths - 1][fan]  # (R,) µs: the last context token's time
     clock = start.clone()
+    # Past the task's time limit a rollout ends by `time_limit`; a task without one still stops at the
+    # simulated-time safety cap, as `unfinished`.
+    limit = rules.limit_us if rules.limit_us is not None else int(settings.max_simulated_days * DAY_US)
+    over_reason = TIME_LIMIT if rules.limit_us is not None else UNFINISHED
     ids = torch.arange(R, device=device)  # stepper row -> rollout
     running = torch.ones(R, dtype=torch.bool, device=device)  # per stepper row
-    reason = torch.full((R,), CAP, dtype=torch.int8, device=device)
+    reason = torch.full((R,), UNFINISHED, dtype=torch.int8, device=device)
     n_tokens = torch.zeros(R, dtype=torch.int32, device=device)
     elapsed = torch.zeros(R, dtype=torch.long, device=device)
     last = torch.full((R,), -1, dtype=torch.int32, device=device)
-    out_tokens = torch.full((R, n_new), -1, dtype=torch.long, device=device) if trace else None
-    out_times = torch.full((R, n_new), -1, dtype=torch.long, device=device) if trace else None
+    trail: list[tuple[Tensor, Tensor, Tensor]] = []  # with tracing: (rollouts, tokens, times) per step
     steps = 0
     for step in range(n_new):
         nxt = _next_tokens(logits, bias, settings.temperature, generator)  # (B,)
@@ -313,21 +343,19 @@ def sample_rollouts(
         last[live] = nxt[running].int()
         elapsed[live] = (clock - start)[running]
         if trace:
-            out_tokens[live, step] = nxt[running]
-            out_times[live, step] = clock[running]
-        over = clock - start > rules.limit_us
+            trail.append((live, nxt[running], clock[running]))
         why = torch.full(nxt.shape, -1, dtype=torch.long, device=device)
-        why = torch.where(rules.positive[nxt], OUTCOME, why)
         why = torch.where(rules.stop[nxt], STOP, why)
+        why = torch.where(rules.positive[nxt], OUTCOME, why)  # after stop: a positive token always wins
         why = torch.where(nxt == rules.timeline_end, TIMELINE_END, why)
-        why = torch.where(over, TIME_LIMIT, why).to(torch.int8)  # past the limit, nothing counts
+        why = torch.where(clock - start > limit, over_reason, why).to(torch.int8)  # past it, nothing counts
         ended = running & (why >= 0)
         reason[ids[ended]] = why[ended]
         running &= ~ended
         steps += 1
         n_running = int(running.sum())
         if n_running == 0 or step == n_new - 1:
-            break
+            break  # rows still running keep reason UNFINISHED: the token cap
         if n_running < settings.retire_below * running.numel():
             stepper.keep(running)  # retire finished rollouts: a smaller cache from here on
             ids, clock, start, nxt = ids[running], clock[running], start[running], nxt[running]
@@ -335,16 +363,25 @@ def sample_rollouts(
         logits = stepper.step(nxt[:, None], clock[:, None])
 
     positive = reason == OUTCOME
+    reason_np = reason.cpu().numpy()
+    out_tokens = out_times = None
+    if trace:
+        out_tokens = np.full((R, steps), -1, dtype=np.int64)
+        out_times = np.full((R, steps), -1, dtype=np.int64)
+        for step, (rows, tok, tim) in enumerate(trail):
+            out_tokens[rows.cpu().numpy(), step] = tok.cpu().numpy()
+            out_times[rows.cpu().numpy(), step] = tim.cpu().numpy()
     out = Rollouts(
         sample=fan.cpu().numpy(),
         rollout=torch.arange(K).repeat(S).numpy(),
         positive=positive.cpu().numpy(),
-        reason=reason.cpu().numpy(),
+        reason=reason_np,
+        counted=rules.counted[reason_np],
         n_tokens=n_tokens.cpu().numpy(),
         elapsed_us=elapsed.cpu().numpy(),
         last_token=last.cpu().numpy(),
-        tokens=out_tokens.cpu().numpy() if trace else None,
-        times=out_times.cpu().numpy() if trace else None,
+        tokens=out_tokens,
+        times=out_times,
         stats={"steps": steps, "generated_tokens": int(n_tokens.sum()), "prefill_tokens": int(lengths.sum())},
     )
     return out

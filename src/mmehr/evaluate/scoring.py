@@ -10,15 +10,16 @@ import polars as pl
 
 from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.metrics import bootstrap_metrics
-from mmehr.evaluate.sampler import CAP_WARNING, STOP_REASONS
+from mmehr.evaluate.sampler import STOP_REASONS, UNFINISHED_WARNING
 from mmehr.io import read_json
 from mmehr.units import DAY_US
 
-# Cohorts by codes in the history before the prediction time (ICD-9 and ICD-10 diagnosis tokens): where
-# the paper expects ECG (arrhythmia / ischaemia) and CXR (pulmonary) to matter most.
+# Cohorts by codes in the history before the prediction time (ICD-9 and ICD-10 diagnosis tokens, or the
+# `ethos` preset's ICD-10-CM category tokens): where the paper expects ECG (arrhythmia / ischaemia) and
+# CXR (pulmonary) to matter most.
 DEFAULT_COHORTS = {
-    "cardiac": r"^DIAGNOSIS//ICD//(9//(41[0-4]|427)|10//I(2[0-5]|4[7-9]))",
-    "pulmonary": r"^DIAGNOSIS//ICD//(9//(4[6-9]\d|5[01]\d)|10//J)",
+    "cardiac": r"^(DIAGNOSIS//ICD//(9//(41[0-4]|427)|10//I(2[0-5]|4[7-9]))|ICD//CM//I(2[0-5]|4[7-9])$)",
+    "pulmonary": r"^(DIAGNOSIS//ICD//(9//(4[6-9]\d|5[01]\d)|10//J)|ICD//CM//J)",
 }
 
 
@@ -33,8 +34,13 @@ def cohort_members(samples: pl.DataFrame, store: TimelineStore, pattern: str) ->
     return out
 
 
+def conclusive(scored: pl.DataFrame) -> pl.DataFrame:
+    """The scored samples that have a probability (at least one of their rollouts counts)."""
+    return scored.filter(pl.col("predicted_boolean_probability").is_not_null())
+
+
 def stop_reason_fractions(rollouts: pl.DataFrame) -> dict[str, float]:
-    """Share of rollouts that ended by each reason (outcome, stop, timeline_end, time_limit, cap)."""
+    """Share of rollouts that ended by each reason (outcome, stop, timeline_end, time_limit, unfinished)."""
     n = max(rollouts.height, 1)
     counts = dict(rollouts.group_by("stop_reason").len().iter_rows())
     return {r: counts.get(r, 0) / n for r in STOP_REASONS}
@@ -52,23 +58,39 @@ def clean_json(obj):
 
 
 def unit_summary(scored: pl.DataFrame, rollouts: pl.DataFrame, threshold: float, n_boot: int) -> dict:
-    """Bootstrap metrics (subjects resampled) and rollout statistics of one scored unit."""
-    y = scored["boolean_value"].to_numpy()
-    p = scored["predicted_boolean_probability"].to_numpy()
+    """Bootstrap metrics (subjects resampled) and rollout statistics of one scored unit.
+
+    Metrics are computed on the samples that have a probability; `n_without_probability` counts the
+    others (every rollout unfinished or left out by the task's rule), `n_samples` all of them.
+    """
+    kept = conclusive(scored)
+    y = kept["boolean_value"].to_numpy()
+    p = kept["predicted_boolean_probability"].to_numpy()
     n_tok = rollouts["n_tokens"].to_numpy()
+    finished = rollouts.filter(pl.col("stop_reason").is_in(["outcome", "stop", "timeline_end"]))
     return {
         "n_samples": scored.height,
-        "n_subjects": scored["subject_id"].n_unique(),
+        "n_without_probability": scored.height - kept.height,
+        "n_subjects": kept["subject_id"].n_unique(),
         "n_positive": int(y.sum()),
         "prevalence": float(y.mean()) if y.size else float("nan"),
         "metrics": bootstrap_metrics(
-            y, p, groups=scored["subject_id"].to_numpy(), threshold=threshold, n_boot=n_boot
+            y, p, groups=kept["subject_id"].to_numpy(), threshold=threshold, n_boot=n_boot
         ),
         "stop_reasons": stop_reason_fractions(rollouts),
         "rollouts": {
             "n": rollouts.height,
+            "unfinished": int((rollouts["stop_reason"] == "unfinished").sum()),
+            "counted": int(rollouts["counted"].sum()),
             "mean_tokens": float(n_tok.mean()) if n_tok.size else 0.0,
+            "max_tokens": int(n_tok.max()) if n_tok.size else 0,
             "mean_elapsed_days": float(rollouts["elapsed_us"].mean() or 0.0) / DAY_US,
+            # ETHOS reports a rollout's simulated time to its ending token beside the real one
+            "median_elapsed_days_finished": float(finished["elapsed_us"].median() or 0.0) / DAY_US,
+            "median_true_elapsed_days": float(
+                rollouts.filter(pl.col("true_elapsed_us") >= 0)["true_elapsed_us"].median() or 0.0
+            )
+            / DAY_US,
         },
     }
 
@@ -90,6 +112,7 @@ class EvalOptions:
     unsafe_leak: bool = False
     reference: bool = True  # fit the supervised references (mmehr.evaluate.reference) beside zero-shot
     reference_train_samples: int = 6000  # train-split task samples the references are fit on (at most)
+    save_tokens: bool = False
 
 
 def fixed_threshold(source: str, task: str) -> float:
@@ -124,20 +147,36 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in header.items() if k != "checkpoint"]
     lines += ["", "## Metrics (95% bootstrap CI over subjects; F1 at the threshold chosen on tuning)", ""]
     cols = ("auroc", "auprc", "f1_macro", "f1_pos", "brier", "ece")
-    lines.append("| task | n | positive | threshold | " + " | ".join(cols) + " |")
-    lines.append("|---|---|---|---|" + "---|" * len(cols))
+    lines.append("| task | n | positive | no probability | threshold | " + " | ".join(cols) + " |")
+    lines.append("|---|---|---|---|---|" + "---|" * len(cols))
     for name, r in results.items():
         cells = " | ".join(format_ci(r["metrics"], c) for c in cols)
         lines.append(
-            f"| {name} | {r['n_samples']} | {r['n_positive']} | {r['threshold']['value']:.3f} | {cells} |"
+            f"| {name} | {r['n_samples']} | {r['n_positive']} | {r['n_without_probability']} | "
+            f"{r['threshold']['value']:.3f} | {cells} |"
         )
-    lines += ["", "## How rollouts ended (share of rollouts)", ""]
-    lines.append("| task | " + " | ".join(STOP_REASONS) + " | mean tokens | mean simulated days |")
-    lines.append("|---|" + "---|" * (len(STOP_REASONS) + 2))
+    lines += [
+        "",
+        "n and positive count the samples with a probability; 'no probability': samples none of whose "
+        "rollouts counts (all unfinished, or all left out by the task's rule), left out of the metrics.",
+        "",
+        "## How rollouts ended (share of rollouts)",
+        "",
+        "Unfinished rollouts reached a safety cap (tokens, or simulated time for a task without a time "
+        "limit) before any outcome or stop: they never count, as positive or negative.",
+        "",
+    ]
+    lines.append(
+        "| task | " + " | ".join(STOP_REASONS) + " | unfinished (n) | counted | mean tokens | "
+        "median simulated / true days |"
+    )
+    lines.append("|---|" + "---|" * (len(STOP_REASONS) + 4))
     for name, r in results.items():
         fr = " | ".join(f"{r['stop_reasons'][s]:.1%}" for s in STOP_REASONS)
+        ro = r["rollouts"]
         lines.append(
-            f"| {name} | {fr} | {r['rollouts']['mean_tokens']:.1f} | {r['rollouts']['mean_elapsed_days']:.2f} |"
+            f"| {name} | {fr} | {ro['unfinished']} | {ro['counted']} / {ro['n']} | {ro['mean_tokens']:.1f} | "
+            f"{ro['median_elapsed_days_finished']:.2f} / {ro['median_true_elapsed_days']:.2f} |"
         )
     refs = {name: r["reference"] for name, r in results.items() if r.get("reference")}
     if refs:
@@ -163,12 +202,12 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
                 f"| {name} | {format_ci(results[name]['metrics'], 'auroc')} | {cells} | "
                 f"{format_ci({'d': d}, 'd')} ({ref['matched']}) |"
             )
-    capped = [name for name, r in results.items() if r["stop_reasons"]["cap"] > CAP_WARNING]
-    if capped:
+    unfinished = [n for n, r in results.items() if r["stop_reasons"]["unfinished"] > UNFINISHED_WARNING]
+    if unfinished:
         lines += [
             "",
-            f"Warning: over {CAP_WARNING:.0%} of the rollouts of {', '.join(capped)} hit the token cap and "
-            "count as negative: raise --max-new-tokens.",
+            f"Warning: over {UNFINISHED_WARNING:.0%} of the rollouts of {', '.join(unfinished)} are unfinished: "
+            "their probabilities rest on fewer rollouts; raise --max-new-tokens.",
         ]
     if any(r["cohorts"] for r in results.values()):
         lines += ["", "## Cohorts (codes in the history before the prediction time)", ""]

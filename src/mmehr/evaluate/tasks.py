@@ -8,11 +8,19 @@ A task names, as regular expressions over token strings (so any MEDS code genera
 - `positive`: outcome tokens; `stop`: tokens that end the episode without the outcome;
 - `horizon_days`: an outcome later than this after the prediction time counts as negative (null: none);
 - `exclude_same_time`: skip a start whose timestamp also carries a token matching this (e.g. a death at
-  the discharge that would start a readmission task).
+  the discharge that would start a readmission task);
+- `first_after`: keep only the first start after each token matching this (and before the next one),
+  e.g. ETHOS's ICU readmission: the first ICU discharge of each hospital stay;
+- `require_followup`: drop negatives whose real timeline ends (TIMELINE_END) before the horizon, ETHOS's
+  "reduced" 30-day readmission;
+- `time_limit_days`: a rollout whose simulated clock passes this ends by `time_limit` (ETHOS: 2 years;
+  null: none, the sampler's safety cap applies);
+- `exclude_from_probability`: rollout stop reasons left out of the probability's denominator (ETHOS
+  leaves out TIMELINE_END and time-limit rollouts for hospital mortality); `unfinished` always is.
 
 The label of a sample is read off the real timeline the same way a rollout is scored: walk forward from
-the context end to the first token matching `positive` or `stop` (TIMELINE_END always stops); the label
-is True iff that token is a positive one and it falls within the horizon.
+the context end to the first token matching `positive` or `stop` (TIMELINE_END always stops; a token
+matching both is positive); the label is True iff that token is a positive one within the horizon.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from mmehr.config import from_dict, load_yaml
 from mmehr.units import DAY_US
 
 TASKS_DIR = Path(__file__).resolve().parents[3] / "configs" / "tasks"
+# How a rollout can end (mmehr.evaluate.sampler): the outcome, a stop token, TIMELINE_END, the task's
+# time limit, or a safety cap (unfinished: never counted).
+STOP_REASONS = ("outcome", "stop", "timeline_end", "time_limit", "unfinished")
 
 
 @dataclass
@@ -41,8 +52,11 @@ class TaskConfig:
     stop: list[str] = field(default_factory=list)
     horizon_days: float | None = None
     exclude_same_time: str | None = None
-    # Rollouts that run this long (simulated time) without a positive or stop token end as negative.
-    time_limit_days: float = 730.0
+    first_after: str | None = None
+    require_followup: bool = False
+    # Rollouts that run this long (simulated time) without a positive or stop token end by `time_limit`.
+    time_limit_days: float | None = 730.0
+    exclude_from_probability: list[str] = field(default_factory=list)
 
 
 def task_dirs() -> list[Path]:
@@ -71,7 +85,8 @@ def load_task(name_or_path: str | Path) -> TaskConfig:
                 f"unknown task {name_or_path!r}: not a file, and not one of {list_tasks()}"
             )
     task = from_dict(TaskConfig, load_yaml(path), where=str(path))
-    for pattern in [task.start, task.context_extra, task.exclude_same_time, *task.positive, *task.stop]:
+    patterns = [task.start, task.context_extra, task.exclude_same_time, task.first_after]
+    for pattern in [*patterns, *task.positive, *task.stop]:
         if pattern is not None:
             try:
                 re.compile(pattern)
@@ -79,6 +94,11 @@ def load_task(name_or_path: str | Path) -> TaskConfig:
                 raise ValueError(f"{path}: bad pattern {pattern!r}: {e}") from e
     if not task.start or not task.positive:
         raise ValueError(f"{path}: a task needs `start` and `positive` patterns")
+    unknown = set(task.exclude_from_probability) - set(STOP_REASONS)
+    if unknown:
+        raise ValueError(f"{path}: exclude_from_probability {sorted(unknown)}: not one of {STOP_REASONS}")
+    if task.require_followup and task.horizon_days is None:
+        raise ValueError(f"{path}: require_followup needs a horizon_days")
     return task
 
 
@@ -92,6 +112,7 @@ class TaskTokens:
     positive: np.ndarray
     stop: np.ndarray  # includes TIMELINE_END
     exclude: np.ndarray
+    first_after: np.ndarray
 
     @classmethod
     def resolve(cls, task: TaskConfig, vocab) -> TaskTokens:
@@ -111,7 +132,13 @@ class TaskTokens:
         if not mask(task.positive).any():
             raise ValueError(f"task {task.name}: positive patterns {task.positive} match no token")
         return cls(
-            task, start, mask(task.context_extra), mask(task.positive), stop, mask(task.exclude_same_time)
+            task,
+            start,
+            mask(task.context_extra),
+            mask(task.positive),
+            stop,
+            mask(task.exclude_same_time),
+            mask(task.first_after),
         )
 
     @property
@@ -122,7 +149,8 @@ class TaskTokens:
 def label_from(
     tt: TaskTokens, tokens: np.ndarray, times: np.ndarray, begin: int, prediction_time: int
 ) -> tuple[bool, int, int]:
-    """Scan tokens[begin:] for the first positive-or-stop token: (label, position, time); -1 if none."""
+    """Scan tokens[begin:] for the first positive-or-stop token: (label, position, time); -1 if none.
+    A token matching both a positive and a stop pattern (DISCHARGE_LOCATION//DIED) is positive."""
     hits = np.flatnonzero(tt.outcome[tokens[begin:]])
     if hits.size == 0:
         return False, -1, -1
@@ -138,7 +166,8 @@ def task_samples(task: TaskConfig, store, max_samples: int | None = None) -> pl.
 
     Columns: subject_id, subject_index, start_pos, context_end (exclusive end of the context, an index
     into the subject's timeline), prediction_time (µs; time of the last context token), boolean_value,
-    outcome_pos (-1 if the timeline ends first), outcome_time (µs).
+    outcome_pos (-1 if the timeline ends first), outcome_time (µs; of the first positive or stop token,
+    TIMELINE_END included: the true time to set beside a rollout's simulated one).
     """
     tt = TaskTokens.resolve(task, store.vocab)
     rows = []
@@ -146,7 +175,10 @@ def task_samples(task: TaskConfig, store, max_samples: int | None = None) -> pl.
         tokens, times = store.timeline(i)
         tokens = np.asarray(tokens)
         times = np.asarray(times)
-        for s in np.flatnonzero(tt.start[tokens]):
+        starts = np.flatnonzero(tt.start[tokens])
+        if tt.first_after.any():
+            starts = _first_after(starts, np.flatnonzero(tt.first_after[tokens]))
+        for s in starts:
             if tt.exclude.any():
                 same = times == times[s]
                 if tt.exclude[tokens[same]].any():
@@ -158,6 +190,8 @@ def task_samples(task: TaskConfig, store, max_samples: int | None = None) -> pl.
                 continue
             t_pred = int(times[end - 1])
             label, pos, t_out = label_from(tt, tokens, times, end, t_pred)
+            if task.require_followup and not label and t_out - t_pred < task.horizon_days * DAY_US:
+                continue  # a negative followed for less than the horizon: unknown, not negative
             rows.append((int(store.subject_ids[i]), i, int(s), end, t_pred, label, pos, t_out))
     schema = {
         "subject_id": pl.Int64,
@@ -173,6 +207,16 @@ def task_samples(task: TaskConfig, store, max_samples: int | None = None) -> pl.
     if max_samples is not None and df.height > max_samples:
         df = df.sample(n=max_samples, seed=0).sort("subject_index", "start_pos")
     return df
+
+
+def _first_after(starts: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """The first of sorted positions `starts` after each anchor position (and before the next anchor)."""
+    if anchors.size == 0 or starts.size == 0:
+        return starts[:0]
+    k = np.searchsorted(starts, anchors, side="right")  # first start after each anchor
+    nxt = np.append(anchors[1:], np.iinfo(np.int64).max)
+    ok = (k < starts.size) & (starts[np.minimum(k, starts.size - 1)] < nxt)
+    return np.unique(starts[k[ok]])
 
 
 def to_label_table(samples: pl.DataFrame) -> pl.DataFrame:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmehr.data.meds import NULL_TIME
-from mmehr.units import DAY_US, HOUR_US, MINUTE_US, MONTH_US, SIX_MONTHS_US
+from mmehr.units import DAY_US, HOUR_US, MINUTE_US
 
 PAD, UNK, TIMELINE_END = "<PAD>", "<UNK>", "TIMELINE_END"
 UNK_SUFFIX = "//<UNK>"
@@ -22,7 +22,9 @@ EVENT_TOKENS = (
     "MEDS_DEATH",
 )
 
-# ETHOS's 19 interval bins: (name, lower edge in µs); a bin spans [its edge, the next edge).
+# ETHOS's 19 interval bins: (name, lower edge in µs); a bin spans [its edge, the next edge). ETHOS's
+# months are whole days (2mt = 60 days, 6mt = 180 days).
+LONG_GAP_US = 180 * DAY_US  # the "6mt" token's length
 INTERVAL_BINS = (
     ("5m-15m", 5 * MINUTE_US),
     ("15m-45m", 15 * MINUTE_US),
@@ -41,8 +43,8 @@ INTERVAL_BINS = (
     ("12d-20d", 12 * DAY_US),
     ("20d-30d", 20 * DAY_US),
     ("30d-2mt", 30 * DAY_US),
-    ("2mt-6mt", int(2 * MONTH_US)),
-    ("6mt", SIX_MONTHS_US),  # repeated once per whole 6 months of a gap
+    ("2mt-6mt", 60 * DAY_US),
+    ("6mt", LONG_GAP_US),  # a gap of >= 6 months: round(gap / 6 months) of these, no remainder
 )
 INTERVAL_TOKENS = tuple(f"INTERVAL//{name}" for name, _ in INTERVAL_BINS)
 INTERVAL_EDGES_US = np.array([lo for _, lo in INTERVAL_BINS], dtype=np.int64)
@@ -53,9 +55,10 @@ NO_TIME = NULL_TIME  # time of a timeless static row (e.g. GENDER//F), or of an 
 KINDS = ("special", "quantile", "interval", "static", "code")
 
 
-def _gap_pieces(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split gaps (µs) into whole 6-month pieces and a remainder; bin of the remainder or -1 (< 5 min)."""
-    n_long = gaps // SIX_MONTHS_US
-    rem = gaps - n_long * SIX_MONTHS_US
-    bins = np.searchsorted(INTERVAL_EDGES_US, rem, side="right") - 1
-    return n_long, rem, bins
+def _gap_pieces(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Interval tokens of gaps (µs), as ETHOS: a gap of at least 6 months is round(gap / 6 months) `6mt`
+    tokens and nothing else; a shorter one is one bin (-1 below 5 min). Returns (n_long, bin) per gap."""
+    long = gaps >= LONG_GAP_US
+    n_long = np.where(long, np.rint(gaps / LONG_GAP_US), 0).astype(np.int64)
+    bins = np.where(long, -1, np.searchsorted(INTERVAL_EDGES_US, gaps, side="right") - 1)
+    return n_long, bins

@@ -13,13 +13,13 @@ from tqdm import tqdm
 
 from mmehr.config import load_yaml, to_dict
 from mmehr.data.meds import MedsDataset, ShardRows, read_shard
-from mmehr.data.tokenizer.fit import _build_vocab, _Fitter, _values
+from mmehr.data.tokenizer.fit import _build_vocab, _Fitter
 from mmehr.data.tokenizer.normalize import Normalizer
 from mmehr.data.tokenizer.presets import Preset, needed_columns, preset_from_dict, static_columns
+from mmehr.data.tokenizer.rows import CodeTable, derive_rows, row_values, static_value_tokens
 from mmehr.data.tokenizer.tokens import NO_TIME, QUANTILES, UNK, UNK_SUFFIX, _gap_pieces
 from mmehr.data.tokenizer.vocab import Vocab
 from mmehr.io import read_json
-from mmehr.units import SIX_MONTHS_US
 
 CHUNK_ROWS = 1 << 20  # rows assembled at a time, so working memory does not grow with shard size
 
@@ -92,8 +92,10 @@ class Tokenizer:
         self.normalizer = Normalizer(preset)
         self.value_keys = sorted(stats["value_edges"])
         self._value_index = {k: i for i, k in enumerate(self.value_keys)}
-        self._edges = np.array([stats["value_edges"][k] for k in self.value_keys], dtype=np.float64)
-        self._edges = self._edges.reshape(len(self.value_keys), len(QUANTILES) - 1)
+        # breaks padded with +inf: codes with duplicate deciles removed have fewer than 9
+        self._edges = np.full((len(self.value_keys), len(QUANTILES) - 1), np.inf)
+        for i, k in enumerate(self.value_keys):
+            self._edges[i, : len(stats["value_edges"][k])] = stats["value_edges"][k]
         self._code_cache: dict[str, tuple] = {}
 
     # -- fitting -------------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class Tokenizer:
         ):
             mixed = not np.isin(dataset.shard_subjects[shard.index], train_ids).all()
             rows = read_shard(shard, needed_columns(preset), categorical=static_columns(preset))
+            rows = derive_rows(rows, preset)
             fitter.add(rows, rows.rows_of(train_ids) if mixed else None)
             del rows  # before the next shard is read
         stats = fitter.stats(len(train_ids), min_code_count)
@@ -135,20 +138,33 @@ class Tokenizer:
     # -- transforming --------------------------------------------------------------------------------
 
     def _code_entry(self, code: str) -> tuple:
-        """(token ids, value index or -1, numeric_from_text, static field or -1, rank) of one code."""
+        """(timeline token ids, value indices per slot (-1: none), static token id, rank) of one code.
+
+        The static token id is -1 for a code outside the static context and -2 for a `quantile` field
+        (its token comes from the row's value). An unseen token becomes its label's unknown token, or
+        <UNK>; a code beyond its `keep_top` rule's most frequent ones has no tokens (dropped, as ETHOS).
+        """
         entry = self._code_cache.get(code)
         if entry is None:
             norm = self.normalizer.normalize(code)
+            static_id = -1
             if norm.static_field >= 0:
                 sf = self.preset.static[norm.static_field]
-                ids = [self.vocab.stoi.get(code, self.vocab.stoi[sf.prefix + UNK_SUFFIX])]
-            else:
-                ids = [self.vocab.encode(norm.tokens[0])] if norm.tokens else []
-                for tok in norm.tokens[1:]:
-                    label = tok.split("//", 1)[0]
-                    ids.append(self.vocab.stoi.get(tok, self.vocab.stoi[label + UNK_SUFFIX]))
-            vidx = self._value_index.get(norm.value_key, -1) if norm.value_key else -1
-            entry = (ids, vidx, norm.numeric_from_text, norm.static_field, norm.rank)
+                static_id = (
+                    -2 if sf.quantile else self.vocab.stoi.get(code, self.vocab.stoi[sf.prefix + UNK_SUFFIX])
+                )
+            rule = self.preset.rules[norm.rule] if norm.rule >= 0 else None
+            ids = []
+            if not (rule is not None and rule.keep_top and norm.tokens[0] not in self.vocab.stoi):
+                for tok, label in zip(norm.tokens, norm.labels):
+                    fallback = (
+                        self.vocab.stoi.get(label + UNK_SUFFIX, self.vocab.unk_id)
+                        if label
+                        else self.vocab.unk_id
+                    )
+                    ids.append(self.vocab.stoi.get(tok, fallback))
+            vidx = tuple(self._value_index.get(k, -1) for k in norm.value_keys)
+            entry = (ids, vidx, static_id, norm.rank)
             self._code_cache[code] = entry
         return entry
 
@@ -159,20 +175,25 @@ class Tokenizer:
         that per-code table and scatters all tokens into place, a chunk of subjects at a time.
         Subjects without timed events get no timeline (they are left out).
         """
+        rows = derive_rows(rows, self.preset)
+        norms = [self.normalizer.normalize(c) for c in rows.codes]
+        table = CodeTable(norms)
         entries = [self._code_entry(c) for c in rows.codes]
         ids = _Ragged(
             np.fromiter((i for e in entries for i in e[0]), dtype=np.int64),
             np.array([len(e[0]) for e in entries], dtype=np.int64),
         )
-        vidx = np.array([e[1] for e in entries], dtype=np.int64)
-        from_text = np.array([e[2] for e in entries], dtype=bool)
-        sfield = np.array([e[3] for e in entries], dtype=np.int64)
-        rank = np.array([e[4] for e in entries], dtype=np.int64)
+        vidx = np.full((len(entries), table.slots), -1, dtype=np.int64)
+        for c, e in enumerate(entries):
+            vidx[c, : len(e[1])] = e[1]
+        static_id = np.array([e[2] for e in entries], dtype=np.int64)
+        rank = np.array([e[3] for e in entries], dtype=np.int64)
 
         cidx = rows.code_index
-        r = np.nonzero(rows.timed & (ids.lengths[cidx] > 0) & (sfield[cidx] < 0))[0]
+        kept = table.kept_rows(rows)
+        r = np.nonzero(rows.timed & (ids.lengths[cidx] > 0) & kept)[0]
         r = _order_within_time(r, rows.subject[r], rows.time[r], rank[cidx[r]])
-        value = _values(rows, r, from_text)
+        value = row_values(rows, r, table.from_text, table.text_split, table.slots)
         parts = []
         for a, b in _subject_chunks(rows.subject[r], CHUNK_ROWS):
             rr = r[a:b]
@@ -186,22 +207,22 @@ class Tokenizer:
             times=times,
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             subject_ids=subject_ids,
-            **self._static_entries(rows, ids, sfield, subject_ids),
+            **self._static_entries(rows, static_id, table, kept, vidx, subject_ids),
             birth_us=self._birth(rows, subject_ids),
         )
 
     def _assemble(self, sid, t, cidx, v, ids: _Ragged, vidx_of_code) -> tuple[np.ndarray, ...]:
         """Tokens of time-ordered rows of whole subjects: (tokens, times, tokens per subject, subject ids).
 
-        Per row: interval tokens (if a gap >= 5 min precedes it), code token(s), value token, and
-        after a subject's last row TIMELINE_END. Positions come from a cumulative sum of counts.
+        Per row: interval tokens (if a gap >= 5 min precedes it), code token(s), value token(s) (one
+        per value slot with a value: `v` (n, slots), `vidx_of_code` (n_codes, slots)), and after a
+        subject's last row TIMELINE_END. Positions come from a cumulative sum of counts.
         """
         n = len(sid)
         n_code = ids.lengths[cidx]
-        vidx = vidx_of_code[cidx]
+        vidx = vidx_of_code[cidx]  # (n, slots)
         has_q = (vidx >= 0) & ~np.isnan(v)
-        q_rows = np.nonzero(has_q)[0]
-        q = (v[q_rows, None] >= self._edges[vidx[q_rows]]).sum(axis=1)  # Q index: edges <= value
+        n_q = has_q.sum(axis=1)
 
         first = np.ones(n, dtype=bool)
         first[1:] = sid[1:] != sid[:-1]
@@ -210,30 +231,37 @@ class Tokenizer:
         gap = np.zeros(n, dtype=np.int64)
         gap[1:] = t[1:] - t[:-1]
         gap[first] = 0
-        n_long, _rem, rem_bin = _gap_pieces(gap)
+        n_long, rem_bin = _gap_pieces(gap)
         n_int = n_long + (rem_bin >= 0)
 
-        count = n_int + n_code + has_q + last
+        count = n_int + n_code + n_q + last
         start = np.cumsum(count) - count
         total = int(count.sum())
         tokens = np.empty(total, dtype=self.vocab.dtype)
         times = np.empty(total, dtype=np.int64)
 
-        r = np.nonzero(n_int)[0]  # interval tokens: n_long x 6mt, then the remainder's bin
+        r = np.nonzero(n_int)[0]  # interval tokens: n_long x 6mt, or one bin
         pos = _ranges(start[r], n_int[r])
         row = np.repeat(r, n_int[r])
         j = pos - start[row]
-        is_long = j < n_long[row]
+        is_long = n_long[row] > 0
         tokens[pos] = np.where(is_long, self.vocab.interval_ids[-1], self.vocab.interval_ids[rem_bin[row]])
-        times[pos] = np.where(is_long, t[row] - gap[row] + (j + 1) * SIX_MONTHS_US, t[row])
+        # the k-th of n 6mt tokens at previous time + k/n of the gap: the last at the event's own time
+        step = gap[row] // np.maximum(n_long[row], 1)
+        times[pos] = np.where(is_long & (j + 1 < n_long[row]), t[row] - gap[row] + (j + 1) * step, t[row])
 
         pos = _ranges(start + n_int, n_code)  # code tokens
         tokens[pos] = ids.gather(cidx)
         times[pos] = np.repeat(t, n_code)
 
-        pos = start[q_rows] + n_int[q_rows] + n_code[q_rows]  # value tokens
-        tokens[pos] = self.vocab.quantile_ids[q]
-        times[pos] = t[q_rows]
+        before = np.cumsum(has_q, axis=1) - has_q  # value tokens of earlier slots in the same row
+        for j in range(v.shape[1]):  # value tokens, slot by slot
+            q_rows = np.nonzero(has_q[:, j])[0]
+            k = vidx[q_rows, j]
+            q = (v[q_rows, j, None] > self._edges[k]).sum(axis=1)  # ETHOS: a value on a break goes below
+            pos = start[q_rows] + n_int[q_rows] + n_code[q_rows] + before[q_rows, j]
+            tokens[pos] = self.vocab.quantile_ids[q]
+            times[pos] = t[q_rows]
 
         pos = start[last] + count[last] - 1  # TIMELINE_END
         tokens[pos] = self.vocab.timeline_end_id
@@ -243,23 +271,47 @@ class Tokenizer:
         lengths = np.diff(np.append(subject_start, total))
         return tokens, times, lengths, sid[first]
 
-    def _static_entries(self, rows: ShardRows, ids: _Ragged, sfield, subject_ids) -> dict[str, np.ndarray]:
+    def _static_entries(
+        self, rows: ShardRows, static_id, table: CodeTable, kept, vidx, subject_ids
+    ) -> dict[str, np.ndarray]:
         """Each subject's static values over time, one entry per change, ordered by (field, time)."""
-        r = np.nonzero(sfield[rows.code_index] >= 0)[0]
+        normalize = self.normalizer.normalize
+        sfield = np.array([normalize(c).static_field for c in rows.codes], dtype=np.int64)
+        r = np.nonzero((static_id[rows.code_index] >= 0) & kept)[0]
         subj, times = [rows.subject[r]], [rows.time[r]]
-        fields, tokens = [sfield[rows.code_index[r]]], [ids.flat[ids.starts[rows.code_index[r]]]]
+        fields, tokens = [sfield[rows.code_index[r]]], [static_id[rows.code_index[r]]]
+        r = np.nonzero((static_id[rows.code_index] == -2) & kept)[0]  # quantile fields (ETHOS's BMI)
+        if len(r):
+            c = rows.code_index[r]
+            v = row_values(rows, r, table.from_text, table.text_split, 1)[:, 0]
+            ok = (vidx[c, 0] >= 0) & ~np.isnan(v)
+            r, c, v = r[ok], c[ok], v[ok]
+            q = (v[:, None] > self._edges[vidx[c, 0]]).sum(axis=1)
+            prefix_ids = np.array(
+                [
+                    [self.vocab.stoi[f"{sf.prefix}//{t}"] for t in QUANTILES] if sf.quantile else [-1] * 10
+                    for sf in self.preset.static
+                ]
+            )
+            subj.append(rows.subject[r])
+            times.append(rows.time[r])
+            fields.append(sfield[c])
+            tokens.append(prefix_ids[sfield[c], q])
         for i, sf in enumerate(self.preset.static):
             if sf.column and sf.column in rows.extra.column_names:
                 idx, values = rows.categories(sf.column)
                 unk = self.vocab.stoi[sf.prefix + UNK_SUFFIX]
                 token_of = np.array(
-                    [self.vocab.stoi.get(f"{sf.prefix}//{v}", unk) for v in values], dtype=np.int64
+                    [self.vocab.stoi.get(t, unk) for t in static_value_tokens(sf, values)], dtype=np.int64
                 )
                 r = np.nonzero(idx >= 0)[0]
+                tok = token_of[idx[r]]
+                if sf.single:
+                    r, tok = _single_value(rows.subject[r], rows.time[r], r, tok, sf, self.vocab)
                 subj.append(rows.subject[r])
                 times.append(rows.time[r])
                 fields.append(np.full(len(r), i))
-                tokens.append(token_of[idx[r]])
+                tokens.append(tok)
         subj, times, fields, tokens = (np.concatenate(x) for x in (subj, times, fields, tokens))
         pos = _align(subject_ids, np.arange(len(subject_ids)), subj, fill=-1)  # subject position or -1
         order = np.lexsort((times, fields, pos))
@@ -329,6 +381,22 @@ class Tokenizer:
         )
         stats = read_json(directory / "stats.json")
         return cls(preset, Vocab.load(directory / "vocab.json"), stats)
+
+
+def _single_value(subject, time, r, tok, sf, vocab) -> tuple[np.ndarray, np.ndarray]:
+    """One entry per subject, at its first time: the first value not in `sf.last_resort`, else the first
+    by `last_resort` order (ETHOS keeps one race per patient, preferring a known one)."""
+    resort = {vocab.stoi.get(f"{sf.prefix}//{v}", -1): k + 1 for k, v in enumerate(sf.last_resort)}
+    priority = np.array([resort.get(int(t), 0) for t in tok], dtype=np.int64)
+    order = np.lexsort((time, priority, subject))  # per subject: best priority, then earliest
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = subject[order][1:] != subject[order][:-1]
+    chosen = order[first]
+    earliest = np.lexsort((time, subject))
+    start = np.ones(len(earliest), dtype=bool)
+    start[1:] = subject[earliest][1:] != subject[earliest][:-1]
+    at = earliest[start]  # each subject's earliest row: the value is known from then on
+    return r[at], tok[chosen]
 
 
 def _order_within_time(r: np.ndarray, subject: np.ndarray, time: np.ndarray, rank: np.ndarray) -> np.ndarray:
