@@ -68,7 +68,7 @@ TINY = dict(
         "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
         "vit-mae": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
         "biomedclip": dict(dim=32, depth=2, heads=2),
-        "ecg-fm": dict(conv_dim=16, dim=32, depth=2, heads=2, ffn_dim=64, conv_pos=16, conv_pos_groups=4),
+        "ecg-fm": dict(conv_feature_layers="[(16, 2, 2)] * 4", dim=32, depth=2, heads=2, ffn_dim=64, conv_pos=16, conv_pos_groups=4),
         "csfm": dict(dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, clean=False),
     }),
     compile_backend="aot_eager", compile_modes=("ehr_only", "latent"),

@@ -363,11 +363,12 @@ def test_a_finetuned_run_resumes_after_sigkill_and_evaluates(notes, demo_timelin
 
     out = tmp_path / "eval"
     proc = run("evaluate", "--checkpoint", str(tmp_path / "a"), "--task", "icu_mortality", "--out", str(out),
-               "--rollouts", "2", "--max-new-tokens", "16", "--max-samples", "4", "--tuning-samples", "3",
+               "--rollouts", "2", "--max-new-tokens", "256", "--max-samples", "4", "--tuning-samples", "3",
                "--bootstrap", "10", "--no-progress", "--threads", "1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pred = pl.read_parquet(out / "icu_mortality" / "predictions.parquet")
-    assert pred.height == 4 and pred["predicted_boolean_probability"].is_between(0, 1).all()
+    assert pl.read_parquet(out / "icu_mortality" / "samples.parquet").height == 4
+    pred = pl.read_parquet(out / "icu_mortality" / "predictions.parquet")  # samples with a counted rollout
+    assert 1 <= pred.height <= 4 and pred["predicted_boolean_probability"].is_between(0, 1).all()
 
 
 def test_ecg_payloads_reach_a_finetuned_ecg_fm_inside_the_model(tmp_path):

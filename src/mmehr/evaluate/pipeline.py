@@ -53,6 +53,7 @@ from mmehr.evaluate.scoring import (
 )
 from mmehr.evaluate.tasks import TaskConfig
 from mmehr.io import MANIFEST, OutputLock, atomic_path, check_output, mark_output, write_json
+from mmehr.modalities.payloads import EventPayloads
 from mmehr.model.gpt import GPT
 
 
@@ -176,7 +177,12 @@ def evaluate_task(
     if options.reference and options.split != "train":
         reference_data = ReferenceData(
             context_tokens=data.context_tokens,
-            modality_stores={m: s for m, s in data.modality_stores.items() if m not in options.hidden},
+            # a finetuned modality's reference reads the stored (frozen-encoder) embeddings of its events
+            modality_stores={
+                m: s.store if isinstance(s, EventPayloads) else s
+                for m, s in data.modality_stores.items()
+                if m not in options.hidden
+            },
             k_max=data.k_max
             if isinstance(data.k_max, dict)
             else dict.fromkeys(data.modality_stores, data.k_max),
