@@ -57,140 +57,23 @@ EHR is identical with and without modalities and for any chunking.
 
 from __future__ import annotations
 
-from mmehr.data.synthetic.cli import add_arguments, run
-from mmehr.data.synthetic.codes import (
-    ACUTE_DX,
-    CHRONIC_DX,
-    DIRECT_ADMISSIONS,
-    DISCHARGE_LOCATIONS,
-    DRUGS,
-    ED_ADMISSION_TYPES,
-    HOSP_LAB_CODES,
-    HOSP_LABS,
-    ICU_UNITS,
-    MARITAL,
-    RACES,
-    VALUE_RANGE,
-    VITAL_CODES,
-    VITALS,
-    WARDS,
-    code_descriptions,
-)
-from mmehr.data.synthetic.cohort import generate, split_of, to_meds_arrow, validate_meds_table
-from mmehr.data.synthetic.config import (
-    CXR_STUDY0,
-    ECG_STUDY0,
-    EPOCH,
-    HADM_ID0,
-    ICUSTAY_ID0,
-    MAX_ADMISSIONS,
-    PREVALENCE,
-    SUBJECT_ID0,
-    SynthConfig,
-    from_us,
-    to_us,
-)
-from mmehr.data.synthetic.cxr import OPACITY_GAIN, CxrRenderer
-from mmehr.data.synthetic.ecg import (
-    ECG_FS,
-    ECG_GAIN,
-    ECG_NATIVE_LEADS,
-    ECG_SECONDS,
-    EcgMorphology,
-    EcgRenderer,
-)
-from mmehr.data.synthetic.ehr import (
-    C_ICU,
-    C_ICU_DEATH,
-    C_ICU_READMIT,
-    C_POST_ICU_DEATH,
-    C_WARD_DEATH,
-    MedsRows,
-    simulate_subject,
-)
-from mmehr.data.synthetic.notes import (
-    COMPLAINTS,
-    FINDINGS,
-    IMPRESSIONS,
-    NEUTRAL_INDICATIONS,
-    QUESTIONS,
-    SYMPTOM_PHRASES,
-    canary_note,
-    discharge_note,
-    radiology_note,
-)
-from mmehr.data.synthetic.onto import generate_onto, plant_on_real_outcomes, read_stays
-from mmehr.data.synthetic.schedule import ModalityEvent, schedule_events
-from mmehr.data.synthetic.stays import TRUTH_SCHEMA, IcuStay, Stay, truth_rows
-from mmehr.data.synthetic.writers import ModalityWriter, write_wfdb
+from mmehr.data.synthetic.codes import HOSP_LABS
+from mmehr.data.synthetic.cohort import generate
+from mmehr.data.synthetic.config import SynthConfig
+from mmehr.data.synthetic.ecg import ECG_NATIVE_LEADS
+from mmehr.data.synthetic.ehr import MedsRows, simulate_subject
+from mmehr.data.synthetic.notes import SYMPTOM_PHRASES
+from mmehr.data.synthetic.onto import generate_onto
+from mmehr.data.synthetic.stays import truth_rows
 
 __all__ = [
-    "ACUTE_DX",
-    "CHRONIC_DX",
-    "COMPLAINTS",
-    "CXR_STUDY0",
-    "C_ICU",
-    "C_ICU_DEATH",
-    "C_ICU_READMIT",
-    "C_POST_ICU_DEATH",
-    "C_WARD_DEATH",
-    "DIRECT_ADMISSIONS",
-    "DISCHARGE_LOCATIONS",
-    "DRUGS",
-    "ECG_FS",
-    "ECG_GAIN",
     "ECG_NATIVE_LEADS",
-    "ECG_SECONDS",
-    "ECG_STUDY0",
-    "ED_ADMISSION_TYPES",
-    "EPOCH",
-    "FINDINGS",
-    "HADM_ID0",
     "HOSP_LABS",
-    "HOSP_LAB_CODES",
-    "ICUSTAY_ID0",
-    "ICU_UNITS",
-    "IMPRESSIONS",
-    "MARITAL",
-    "MAX_ADMISSIONS",
-    "NEUTRAL_INDICATIONS",
-    "OPACITY_GAIN",
-    "PREVALENCE",
-    "QUESTIONS",
-    "RACES",
-    "SUBJECT_ID0",
     "SYMPTOM_PHRASES",
-    "TRUTH_SCHEMA",
-    "VALUE_RANGE",
-    "VITALS",
-    "VITAL_CODES",
-    "WARDS",
-    "CxrRenderer",
-    "EcgMorphology",
-    "EcgRenderer",
-    "IcuStay",
     "MedsRows",
-    "ModalityEvent",
-    "ModalityWriter",
-    "Stay",
     "SynthConfig",
-    "add_arguments",
-    "canary_note",
-    "code_descriptions",
-    "discharge_note",
-    "from_us",
     "generate",
     "generate_onto",
-    "plant_on_real_outcomes",
-    "radiology_note",
-    "read_stays",
-    "run",
-    "schedule_events",
     "simulate_subject",
-    "split_of",
-    "to_meds_arrow",
-    "to_us",
     "truth_rows",
-    "validate_meds_table",
-    "write_wfdb",
 ]

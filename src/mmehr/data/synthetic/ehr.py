@@ -18,6 +18,14 @@ creatinine, WBC, heart rate, blood pressure, ... shift with a). Outcomes, in ord
 With the default strengths about 32% of stays reach the ICU, 12% end in death, and 30% of ICU-admitted
 stays die in the ICU (with all three modality strengths 0: 29%, 5%, 14%).
 Labs worsen over the last 36 h before a death (realistic, EHR-visible deterioration).
+
+Options that shape how much the EHR shows (all off by default; the demo's cohort turns them on):
+    severity_signal  labs and vitals move severity_signal x their coefficient per unit of acute severity
+    history          age ~ N(60 + 12 f, 8), and the chronic diagnoses recorded at a visit 1 month to 2
+                     years before the first admission (so frailty shows before any stay)
+    icu_triage W     each ICU admission follows a deterioration d ~ N(0, 1): vitals and labs 0.5-2 h
+                     before the transfer show severity + d, and W d is added to the ICU death log-odds
+    death_offset     added to the log-odds of every in-hospital death (keeps prevalence in hand)
 """
 
 from __future__ import annotations
