@@ -464,3 +464,62 @@ def test_cli_synth_writes_and_reports(tmp_path, capsys):
     assert "cannot be combined" in capsys.readouterr().err
     assert main(["synth", "--out", str(tmp_path / "q"), "--onto", str(tmp_path / "nowhere")]) == 1
     assert "no MEDS data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The options that shape how much the EHR shows (the demo's cohort)
+
+
+def test_history_shows_frailty_before_the_first_admission(tmp_path):
+    base = SynthConfig(subjects=60, seed=5, modalities=False)
+    plain = _meds(generate(tmp_path / "plain", base))
+    hist = _meds(generate(tmp_path / "hist", SynthConfig(**{**base.__dict__, "history": True})))
+    first_admit = (
+        hist.filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION"))
+        .group_by("subject_id")
+        .agg(pl.col("time").min().alias("admit"))
+    )
+    early_dx = hist.join(first_admit, on="subject_id").filter(
+        pl.col("code").str.starts_with("DIAGNOSIS//") & (pl.col("time") < pl.col("admit"))
+    )
+    assert early_dx.height > 20  # a problem list before any stay
+    early_plain = plain.join(first_admit, on="subject_id").filter(
+        pl.col("code").str.starts_with("DIAGNOSIS//") & (pl.col("time") < pl.col("admit"))
+    )
+    assert early_plain.height == 0
+    rows, cfg = MedsRows(), SynthConfig(seed=5, history=True)
+    first = [simulate_subject(i, cfg, rows)[0] for i in range(1500)]
+    r = np.corrcoef([s.frailty for s in first], [s.age for s in first])[0, 1]
+    assert r > 0.7  # age tracks frailty closely (without `history`: about 0.45)
+
+
+def test_severity_signal_sharpens_how_labs_follow_the_acute_severity():
+    def lactate_auroc(signal: float) -> float:
+        cfg = SynthConfig(seed=6, severity_signal=signal, lab_panel=4)
+        rows, truth = MedsRows(), []
+        for i in range(400):
+            truth += truth_rows(simulate_subject(i, cfg, rows), None)
+        meds = rows.to_frame().filter(pl.col("code") == "LAB//50813//mmol/L")  # lactate
+        first = meds.group_by("hadm_id").agg(pl.col("numeric_value").first())
+        t = pl.DataFrame(truth).join(first, on="hadm_id")
+        return roc_auc_score(t["acute"] > 0, t["numeric_value"])
+
+    assert lactate_auroc(3.0) > lactate_auroc(1.0) + 0.05 and lactate_auroc(3.0) > 0.9
+
+
+def test_icu_triage_draws_vitals_before_each_icu_admission_and_drives_icu_death(tmp_path):
+    cfg = SynthConfig(subjects=150, seed=7, modalities=False, icu_triage=1.5)
+    meds = _meds(generate(tmp_path / "tri", cfg))
+    icu = meds.filter(pl.col("code").str.starts_with("ICU_ADMISSION")).select("subject_id", icu_time="time")
+    vitals = meds.filter(pl.col("code") == "LAB//220045//bpm").select("subject_id", "time")
+    before = icu.join(vitals, on="subject_id").filter(
+        (pl.col("time") < pl.col("icu_time")) & (pl.col("time") >= pl.col("icu_time") - pl.duration(hours=2))
+    )
+    assert (
+        before.select("subject_id", "icu_time").unique().height == icu.unique().height
+    )  # every ICU admission
+    off = _stays(SynthConfig(seed=7, death_offset=-1.5), 2000)
+    lower = _stays(SynthConfig(seed=7), 2000)
+    assert (
+        off["hospital_death"].mean() < 0.7 * lower["hospital_death"].mean()
+    )  # death_offset < 0: fewer deaths

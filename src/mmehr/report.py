@@ -241,18 +241,11 @@ def condition_probes(stores: dict[str, Path], truth_path: Path, truth_events_pat
         if condition is None or not is_complete(root):
             continue
         store = EmbeddingStore(root)
-        index = pl.read_parquet(root / "index.parquet").with_row_index("row")
+        index = pl.DataFrame({"row": np.arange(len(store)), "event_id": store.event_ids})
         index = index.join(events, on="event_id").join(truth, on="hadm_id")
         if index.height < 20:
             continue
-        x = np.stack(
-            [
-                store._tokens(int(r["shard"]))[r["offset"] : r["offset"] + r["length"]]
-                .astype(np.float32)
-                .mean(0)
-                for r in index.select("shard", "offset", "length").iter_rows(named=True)
-            ]
-        )
+        x = np.stack([store.embedding(int(i)).astype(np.float32).mean(0) for i in index["row"].to_list()])
         y = index[condition].to_numpy().astype(int)
         train = index["split"].to_numpy() == "train"
         if y[train].min() == y[train].max() or y[~train].min() == y[~train].max():

@@ -40,6 +40,7 @@ events reads at most 16 x 4 x (312 + 197 + 512) x 1,536 B ~ 100 MB from the page
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -130,6 +131,12 @@ class EmbeddingStore:
 
     def __len__(self) -> int:
         return len(self.subject)
+
+    @functools.cached_property
+    def event_ids(self) -> np.ndarray:
+        """(len(self),) the event id of each row, in the store's (subject, time) order (read on first use)."""
+        idx = pl.read_parquet(self.root / "index.parquet", columns=["subject_id", "time", "event_id"])
+        return idx.sort("subject_id", "time", maintain_order=True)["event_id"].to_numpy()
 
     def _tokens(self, k: int) -> np.memmap:
         if k not in self._maps:
