@@ -105,3 +105,27 @@ def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
     row = next(line for line in lines if line.startswith("| run | icu_admission"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:6] == ["40", "0.500", "0.500", "1.000"]
+
+
+def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):
+    from mmehr.experiments import compare_runs, comparisons_markdown
+
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.random(n) < 0.3
+    keys = {"subject_id": np.arange(n) // 2, "prediction_time": np.arange(n) * 1_000_000}
+    for run, noise in (("better", 0.7), ("worse", 2.0)):
+        for seed in (0, 1):
+            d = tmp_path / "runs" / run / f"seed{seed}" / "eval" / "t"
+            d.mkdir(parents=True)
+            p = (y + rng.normal(0, noise, n)).astype(np.float32)
+            pl.DataFrame({**keys, "boolean_value": y, "predicted_boolean_probability": p}).with_columns(
+                pl.col("prediction_time").cast(pl.Datetime("us"))
+            ).write_parquet(d / "predictions.parquet")
+    grid = Grid(
+        base="x", runs={"better": [], "worse": []}, tasks=["t"], seeds=[0, 1], compare=[["better", "worse"]]
+    )
+    (record,) = compare_runs(grid, tmp_path)
+    assert (record["a"], record["b"], record["task"], record["seeds"]) == ("better", "worse", "t", 2)
+    assert 0 < record["lo"] < record["value"] < record["hi"]
+    assert "(CI above 0)" in comparisons_markdown([record])
