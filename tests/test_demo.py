@@ -1,41 +1,12 @@
 """End to end: `mmehr demo --fast` runs every stage on real files, writes a report, and resumes."""
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 
 from mmehr.demo import TASKS
-
-
-def _demo(out: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "mmehr.cli",
-        "demo",
-        "--fast",
-        "--out",
-        str(out),
-        "--subjects",
-        "120",
-        "--steps",
-        "12",
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = _demo(out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_demo_writes_a_report_comparing_both_models_on_four_tasks(demo_out):
@@ -76,9 +47,9 @@ def test_multimodal_run_trains_gates_and_ehr_only_has_none(demo_out):
     assert not any(r.get("gates") for r in ehr)
 
 
-def test_demo_rerun_skips_completed_stages(demo_out):
+def test_demo_rerun_skips_completed_stages(demo_out, run_fast_demo):
     t0 = time.perf_counter()
-    result = _demo(demo_out)
+    result = run_fast_demo(demo_out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("already complete") == 8  # synth, tokenize, 3 x index, 3 x encode
     assert "$ mmehr train" not in result.stdout and "$ mmehr evaluate" not in result.stdout
