@@ -182,7 +182,7 @@ def explain_sample(
                 e.attention = dict.fromkeys(att.weights, 0.0)  # not in the context: nothing attends to it
 
     risk = replayer.futures(n)
-    knock = _knockouts(replayer, n, risk) if knockout else []
+    knock = _knockouts(replayer, n, risk, events) if knockout else []
     recorded = replay.recorded()
     recorded_p = None
     if recorded is not None:
@@ -244,12 +244,16 @@ def _settings(replay) -> dict[str, Any]:
     }
 
 
-def _knockouts(replayer: ChunkReplayer, n: int, full: SampleFutures) -> list[dict[str, Any]]:
-    """The risk with each modality hidden in turn (and all of them, when there are several)."""
-    enabled = [m for m in replayer.replay.data.modality_stores if m not in replayer.replay.hidden]
-    variants = [(m,) for m in enabled] + ([tuple(enabled)] if len(enabled) > 1 else [])
+def _knockouts(
+    replayer: ChunkReplayer, n: int, full: SampleFutures, events: list[ModalityEvent]
+) -> list[dict[str, Any]]:
+    """The risk with each modality hidden in turn (one chunk replay each), with how many events of it this
+    sample's context held (0: only the random draws changed)."""
     out = []
-    for hidden in variants:
+    for m in replayer.replay.data.modality_stores:
+        if m in replayer.replay.hidden:
+            continue
+        hidden = (m,)
         f = replayer.futures(n, hidden)
         recorded = replayer.replay.recorded(hidden)
         rec = None
@@ -262,6 +266,7 @@ def _knockouts(replayer: ChunkReplayer, n: int, full: SampleFutures) -> list[dic
                 "probability": _num(f.probability),
                 "counted_rollouts": int(f.counted.sum()),
                 "change": _num(f.probability - full.probability),
+                "events_hidden": sum(e.status == "visible" and e.modality in hidden for e in events),
                 "recorded_probability": rec,
             }
         )

@@ -213,19 +213,21 @@ def _attention(ex: Explanation, d: Path, heat_strip: bool) -> str:
                 _img(figures.heat_strip(ex, d / "heat_strip.png"), "attention of every context token")
             )
     if ex.knockout:
+        r = ex.risk
+        k_counted = int(r.counted.sum())
+        p = r.probability if np.isfinite(r.probability) else 0.0
+        noise = 2 * np.sqrt(p * (1 - p) / k_counted) if k_counted else float("nan")
         parts.append(
             "<h3>Knock-out: the risk with each modality hidden</h3><p>The same chunk of samples re-sampled "
             "with the same seed, with the modality's events left out of every context (as "
-            "<code>mmehr evaluate --hide-modality</code> does).</p>"
+            "<code>mmehr evaluate --hide-modality</code> does). A risk is a share of "
+            f"{k_counted} counted rollouts: a change smaller than about ±{noise:.2f} (two binomial standard "
+            "errors) is within sampling noise. Hiding a modality also changes the other samples of the chunk, "
+            "and so the random draws: a knock-out moves the risk even of a context that held no event of "
+            "that modality.</p>"
         )
         rows = [
-            [
-                "all modalities",
-                _pct(ex.risk.probability),
-                "",
-                str(int(ex.risk.counted.sum())),
-                _pct(ex.recorded_probability),
-            ]
+            ["all modalities", _pct(r.probability), "", str(k_counted), "", _pct(ex.recorded_probability)]
         ]
         for k in ex.knockout:
             change = "n/a" if k["change"] is None else f"{k['change']:+.2f}"
@@ -235,12 +237,12 @@ def _attention(ex: Explanation, d: Path, heat_strip: bool) -> str:
                     _pct(k["probability"]),
                     change,
                     str(k["counted_rollouts"]),
+                    str(k["events_hidden"]),
                     _pct(k["recorded_probability"]),
                 ]
             )
-        parts.append(
-            _table(["condition", "risk", "change", "counted rollouts", "evaluation's recorded risk"], rows)
-        )
+        head = ["condition", "risk", "change", "counted rollouts", "events hidden from this context"]
+        parts.append(_table([*head, "evaluation's recorded risk"], rows))
         parts.append(_img(figures.knockout(ex, d / "knockout.png"), "knock-out"))
     return "\n".join(p for p in parts if p)
 
