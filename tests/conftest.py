@@ -65,7 +65,7 @@ def _fast_demo(out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fast_demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One `mmehr demo --fast` output per test session, shared by the tests that need trained models."""
     out = tmp_path_factory.mktemp("demo") / "out"
     result = _fast_demo(out)
@@ -75,5 +75,5 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def run_fast_demo():
-    """The command behind `demo_out`, to run it again (e.g. to resume it)."""
+    """The command behind `fast_demo_out`, to run it again (e.g. to resume it)."""
     return _fast_demo

@@ -120,16 +120,18 @@ def test_an_ehr_only_model_has_no_attention_to_explain():
 
 
 @pytest.fixture(scope="module")
-def run(demo_out: Path) -> Path:
-    return demo_out / "experiments" / "runs" / "all_three" / "seed0"
+def run(fast_demo_out: Path) -> Path:
+    return fast_demo_out / "experiments" / "runs" / "all_three" / "seed0"
 
 
 @pytest.fixture(scope="module")
-def sample(demo_out: Path, run: Path) -> int:
+def sample(fast_demo_out: Path, run: Path) -> int:
     """A held-out sample of the evaluation whose subject has a note acquired after the prediction time
     (within a month) and one before: the page must show the former masked."""
     samples = pl.read_parquet(run / "eval" / TASK / "samples.parquet").with_row_index("n")
-    notes = pl.read_parquet(demo_out / "events" / "note" / "events.parquet", columns=["subject_id", "time"])
+    notes = pl.read_parquet(
+        fast_demo_out / "events" / "note" / "events.parquet", columns=["subject_id", "time"]
+    )
     for r in samples.with_columns(pl.col("prediction_time").cast(pl.Int64)).iter_rows(named=True):
         t = notes.filter(pl.col("subject_id") == r["subject_id"])["time"].to_numpy()
         if ((t >= r["prediction_time"]) & (t < r["prediction_time"] + 30 * 24 * HOUR)).any() and (
@@ -206,10 +208,10 @@ def test_an_event_after_the_prediction_time_is_masked_and_gets_no_attention(page
         assert "class='masked'" in row and "0.000" in row
 
 
-def test_note_text_only_with_show_text_and_never_in_the_output(page, demo_out, run, sample, tmp_path):
+def test_note_text_only_with_show_text_and_never_in_the_output(page, fast_demo_out, run, sample, tmp_path):
     out, log = page
     r = _record(out)
-    notes = pl.read_parquet(demo_out / "events" / "note" / "events.parquet")
+    notes = pl.read_parquet(fast_demo_out / "events" / "note" / "events.parquet")
     texts = [
         notes.filter(pl.col("event_id") == e["event_id"])["text"][0]
         for e in r["events"]
@@ -306,8 +308,8 @@ def test_explain_refuses_a_directory_it_did_not_write(run, tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_the_report_links_the_highest_and_lowest_risk_patients(demo_out):
-    report = (demo_out / "report.md").read_text()
+def test_the_report_links_the_highest_and_lowest_risk_patients(fast_demo_out):
+    report = (fast_demo_out / "report.md").read_text()
     section = re.split(r"\n(?:## |<details)", report[report.index("## Patients") :])[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| which")]
     whichs = [row.split("|")[1].strip() for row in rows]
@@ -322,13 +324,13 @@ def test_the_report_links_the_highest_and_lowest_risk_patients(demo_out):
     if "highest-risk positive" in risks and "lowest-risk positive" in risks:
         assert risks["highest-risk positive"] >= risks["lowest-risk positive"]
     for link in re.findall(r"\]\((patients/[^)]+/index\.html)\)", section):
-        page = demo_out / link
+        page = fast_demo_out / link
         assert page.is_file() and "<h2>4. Futures</h2>" in page.read_text()
         record = json.loads((page.parent / "explain.json").read_text())
         assert record["risk"]["probability"] == pytest.approx(
             record["risk"]["recorded_probability"], abs=1e-6
         )
-    assert 'href="patients/' in (demo_out / "report.html").read_text()
+    assert 'href="patients/' in (fast_demo_out / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -350,8 +352,8 @@ def test_the_page_renders_in_headless_chromium_without_console_errors(page, tmp_
     assert image.shape == (3000, 1400) and image.std() > 20  # a rendered page, not a blank one
 
 
-def test_an_ehr_only_run_gets_a_page_without_attention_or_knockouts(demo_out, tmp_path):
-    run = demo_out / "experiments" / "runs" / "ehr_only" / "seed0"
+def test_an_ehr_only_run_gets_a_page_without_attention_or_knockouts(fast_demo_out, tmp_path):
+    run = fast_demo_out / "experiments" / "runs" / "ehr_only" / "seed0"
     result = mmehr(
         "explain", "--checkpoint", run / "train", "--task", TASK, "--sample", "0", "--eval", run / "eval",
         "--out", tmp_path / "page",
