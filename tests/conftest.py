@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,37 @@ def ethos_timelines(mimic_demo_root: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("ethos_timelines") / "timelines"
     tokenize(mimic_demo_root, out, preset="ethos", progress=False)
     return out
+
+
+def _fast_demo(out: Path) -> subprocess.CompletedProcess:
+    """`mmehr demo --fast` at its smallest: two tiny trained models (EHR-only and all three modalities),
+    their evaluations and the report."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmehr.cli",
+        "demo",
+        "--fast",
+        "--out",
+        str(out),
+        "--subjects",
+        "120",
+        "--steps",
+        "12",
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def fast_demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `mmehr demo --fast` output per test session, shared by the tests that need trained models."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = _fast_demo(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_fast_demo():
+    """The command behind `fast_demo_out`, to run it again (e.g. to resume it)."""
+    return _fast_demo

@@ -1,60 +1,31 @@
 """End to end: `mmehr demo --fast` runs every stage on real files, writes a report, and resumes."""
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 
 from mmehr.demo import TASKS
 
 
-def _demo(out: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "mmehr.cli",
-        "demo",
-        "--fast",
-        "--out",
-        str(out),
-        "--subjects",
-        "120",
-        "--steps",
-        "12",
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = _demo(out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def test_demo_writes_a_report_comparing_both_models_on_four_tasks(demo_out):
-    report = (demo_out / "report.md").read_text()
+def test_demo_writes_a_report_comparing_both_models_on_four_tasks(fast_demo_out):
+    report = (fast_demo_out / "report.md").read_text()
     for task in TASKS:
         assert f"### {task}" in report
     assert "| ehr_only/seed0 |" in report and "| all_three/seed0 |" in report
     assert "AUROC - ehr_only/seed0" in report  # the paired difference column
-    html = (demo_out / "report.html").read_text()
+    html = (fast_demo_out / "report.html").read_text()
     assert "<table>" in html and "<img" in html
-    for png in (demo_out / "report_plots").glob("*.png"):
+    for png in (fast_demo_out / "report_plots").glob("*.png"):
         assert png.read_bytes()[:4] == b"\x89PNG"
-    assert len(list((demo_out / "report_plots").glob("compare_*.png"))) == len(TASKS)
+    assert len(list((fast_demo_out / "report_plots").glob("compare_*.png"))) == len(TASKS)
 
 
-def test_demo_predictions_follow_the_meds_prediction_schema(demo_out):
+def test_demo_predictions_follow_the_meds_prediction_schema(fast_demo_out):
     for run in ("ehr_only", "all_three"):
         for task in TASKS:
-            unit = demo_out / "experiments" / "runs" / run / "seed0" / "eval" / task
+            unit = fast_demo_out / "experiments" / "runs" / run / "seed0" / "eval" / task
             pred = pl.read_parquet(unit / "predictions.parquet")
             assert {"subject_id", "prediction_time", "boolean_value", "predicted_boolean_value"} <= set(
                 pred.columns
@@ -68,17 +39,17 @@ def test_demo_predictions_follow_the_meds_prediction_schema(demo_out):
             np.testing.assert_allclose(p * k, np.round(p * k), atol=1e-5)
 
 
-def test_multimodal_run_trains_gates_and_ehr_only_has_none(demo_out):
-    runs = demo_out / "experiments" / "runs"
+def test_multimodal_run_trains_gates_and_ehr_only_has_none(fast_demo_out):
+    runs = fast_demo_out / "experiments" / "runs"
     mm = [json.loads(x) for x in (runs / "all_three/seed0/train/metrics.jsonl").read_text().splitlines()]
     ehr = [json.loads(x) for x in (runs / "ehr_only/seed0/train/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("gates") for r in mm)
     assert not any(r.get("gates") for r in ehr)
 
 
-def test_demo_rerun_skips_completed_stages(demo_out):
+def test_demo_rerun_skips_completed_stages(fast_demo_out, run_fast_demo):
     t0 = time.perf_counter()
-    result = _demo(demo_out)
+    result = run_fast_demo(fast_demo_out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("already complete") == 8  # synth, tokenize, 3 x index, 3 x encode
     assert "$ mmehr train" not in result.stdout and "$ mmehr evaluate" not in result.stdout

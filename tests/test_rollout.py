@@ -189,6 +189,27 @@ def test_rollouts_are_identical_with_and_without_the_cache(temperature):
     assert a.n_tokens.max() + 14 > 24  # a row outgrew the context limit
 
 
+def test_watching_samples_stops_early_with_exactly_their_full_run_rollouts():
+    # `mmehr explain` replays one sample's chunk: once the watched samples' rollouts have all ended, the
+    # run may stop, and those rollouts are the ones a full run draws (retirement included).
+    m = multimodal(block_size=24)
+    batch = contexts(with_media=True)
+    s = SamplerSettings(n_rollouts=4, temperature=1.0, max_new_tokens=30, retire_below=0.9)
+    r = rules()
+    full = sample_rollouts(m, batch, r, s, trace=True, generator=torch.Generator().manual_seed(3))
+    for watch in ([0], [1, 2]):
+        part = sample_rollouts(
+            m, batch, r, s, trace=True, generator=torch.Generator().manual_seed(3), watch=watch
+        )
+        rows = np.isin(full.sample, watch)
+        for name in ("reason", "n_tokens", "elapsed_us", "last_token", "positive", "counted"):
+            np.testing.assert_array_equal(getattr(part, name)[rows], getattr(full, name)[rows])
+        width = int(full.n_tokens[rows].max())
+        np.testing.assert_array_equal(part.tokens[rows, :width], full.tokens[rows, :width])
+        assert part.stats["steps"] == width <= full.stats["steps"]
+    assert full.stats["steps"] > int(full.n_tokens[full.sample == 0].max())  # sample 0 alone stops early
+
+
 def test_sampling_never_emits_padding_or_static_ids():
     # The rigged model puts nearly all probability on <PAD> and the static tokens (ETHOS-ARES sampled
     # padding in 69% of its rollouts); masked, they are never drawn.

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmehr.train", "train a model from a YAML config"),
     "evaluate": ("mmehr.evaluate.cli", "zero-shot evaluation of tasks by sampled rollouts"),
     "ablate": ("mmehr.experiments", "run an ablation grid and write the paper's tables"),
+    "explain": ("mmehr.explain.cli", "one sample's page: what the model saw, attended to and drew"),
     "report": ("mmehr.report", "write the markdown/HTML report for an output directory"),
 }
 

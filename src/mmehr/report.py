@@ -6,7 +6,8 @@ ablation tables (`tables.md`). Several evaluations of the same tasks are compare
 paired subject-bootstrap AUROC difference against the EHR-only run when there is one, and every zero-shot
 AUROC stands beside its supervised reference (`mmehr.evaluate.reference`). On a synthetic cohort, the
 report also asks per modality whether the stored embeddings carry the planted condition (a supervised
-probe) and whether the model's predictions follow it.
+probe) and whether the model's predictions follow it. A "patients" section explains a few samples, each
+on its own page (`mmehr.explain.patients`; `--no-patients` skips it).
 """
 
 from __future__ import annotations
@@ -356,7 +357,7 @@ def _check_own_report(root: Path) -> None:
             raise ValueError(f"{path} exists and is not an mmehr report; refusing to overwrite it")
 
 
-def build_report(root: str | Path) -> Path:
+def build_report(root: str | Path, *, patient_pages: bool = True) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
@@ -401,6 +402,10 @@ def build_report(root: str | Path) -> Path:
         if truth.is_file():
             lines += planted_signal(evals, truth)
             lines += probes_section(root, truth)
+        if patient_pages:
+            from mmehr.explain.patients import report_section
+
+            lines += report_section(root, evals)
         for name, d in evals.items():
             summary = d / "summary.md"
             if summary.is_file():
@@ -500,9 +505,12 @@ def markdown_to_html(md: str, title: str = "mmehr report") -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="an output directory of mmehr demo / ablate / evaluate / train")
+    parser.add_argument(
+        "--no-patients", action="store_true", help="skip the patients section (its explain pages)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    path = build_report(args.dir)
+    path = build_report(args.dir, patient_pages=not args.no_patients)
     print(f"wrote {path.resolve()} and {path.with_suffix('.html').resolve()}")
     return 0

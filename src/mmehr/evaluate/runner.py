@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from mmehr.batch import Batch
 from mmehr.config import to_dict
 from mmehr.data.timelines import TimelineStore
 from mmehr.data.windows import ModalitySource, assemble
@@ -33,6 +34,7 @@ from mmehr.distributed import Distributed
 from mmehr.evaluate.sampler import (
     STOP_REASONS,
     RolloutRules,
+    Rollouts,
     SamplerSettings,
     rollout_probability,
     sample_rollouts,
@@ -162,38 +164,14 @@ def run_unit(
     rules = RolloutRules.build(
         TaskTokens.resolve(unit.task, store.vocab), store.vocab, model.config.vocab_size, device
     )
-    stores = {k: v for k, v in data.modality_stores.items() if k not in unit.hidden}
-    cuda = torch.device(device).type == "cuda"
+    stores = visible_stores(data, unit.hidden)
     todo = sum(min(S, samples.height - c * S) for c in mine)
     bar = tqdm(total=todo, desc=unit.name, unit="sample", disable=not progress or rank != 0)
     t0, generated = time.perf_counter(), 0
     for c in mine:
         part = samples.slice(c * S, S)
-        spans = [
-            (i, max(0, e - (data.context_tokens - store.static_len)), e)
-            for i, e in zip(part["subject_index"].to_list(), part["context_end"].to_list())
-        ]
-        batch = assemble(
-            store,
-            spans,
-            stores,
-            data.k_max,
-            last_is_target=False,
-            at_times_us=part["prediction_time"].to_list(),
-            max_tokens=data.max_tokens,
-            unsafe_ignore_event_time=unsafe_leak,
-        )
-        generator = torch.Generator(device).manual_seed(settings.seed * 1_000_003 + c)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            out = sample_rollouts(
-                model,
-                batch,
-                rules,
-                settings,
-                trace=save_tokens,
-                generator=generator,
-                cache_dtype=torch.bfloat16 if cuda else None,
-            )
+        batch = chunk_contexts(store, part, data, stores, unsafe_leak=unsafe_leak)
+        out = sample_chunk(model, batch, rules, settings, c, device, trace=save_tokens)
         generated += out.stats["generated_tokens"]
         frame = _rollout_frame(out, part, c * S, store, save_tokens)
         with atomic_path(_chunk_path(unit, c)) as tmp:
@@ -202,6 +180,66 @@ def run_unit(
         bar.set_postfix_str(f"{generated / (time.perf_counter() - t0):,.0f} tok/s")
     bar.close()
     return samples
+
+
+def visible_stores(data: EvalData, hidden: tuple[str, ...] | list[str]) -> dict[str, ModalitySource]:
+    """The modality sources a unit sees: every one of `data` but the hidden ones."""
+    return {k: v for k, v in data.modality_stores.items() if k not in hidden}
+
+
+def chunk_contexts(
+    store: TimelineStore,
+    part: pl.DataFrame,
+    data: EvalData,
+    stores: dict[str, ModalitySource],
+    *,
+    unsafe_leak: bool = False,
+) -> Batch:
+    """The contexts of a chunk's samples (rows of `task_samples`): the last `data.context_tokens` tokens
+    (static prefix included) up to each context end, with the events strictly before each prediction time."""
+    spans = [
+        (i, max(0, e - (data.context_tokens - store.static_len)), e)
+        for i, e in zip(part["subject_index"].to_list(), part["context_end"].to_list())
+    ]
+    return assemble(
+        store,
+        spans,
+        stores,
+        data.k_max,
+        last_is_target=False,
+        at_times_us=part["prediction_time"].to_list(),
+        max_tokens=data.max_tokens,
+        unsafe_ignore_event_time=unsafe_leak,
+    )
+
+
+def sample_chunk(
+    model: GPT,
+    batch: Batch,
+    rules: RolloutRules,
+    settings: SamplerSettings,
+    chunk: int,
+    device: torch.device | str = "cpu",
+    *,
+    trace: bool = False,
+    watch: list[int] | None = None,
+) -> Rollouts:
+    """Chunk `chunk`'s rollouts: its randomness depends only on (settings.seed, chunk), so a rerun of the
+    same chunk (a resume, another rank, `mmehr explain`) draws the same futures on the same device.
+    `watch`: only these samples of the chunk (indices in it) are wanted (`sample_rollouts`)."""
+    generator = torch.Generator(device).manual_seed(settings.seed * 1_000_003 + chunk)
+    cuda = torch.device(device).type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        return sample_rollouts(
+            model,
+            batch,
+            rules,
+            settings,
+            trace=trace,
+            generator=generator,
+            cache_dtype=torch.bfloat16 if cuda else None,
+            watch=watch,
+        )
 
 
 def _rollout_frame(

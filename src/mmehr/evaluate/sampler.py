@@ -294,13 +294,16 @@ def sample_rollouts(
     trace: bool = False,
     generator: torch.Generator | None = None,
     cache_dtype: torch.dtype | None = None,
+    watch: list[int] | None = None,
 ) -> Rollouts:
     """Sample K futures for every context of `batch` (all S x K rollouts decoded together).
 
     `batch`: S contexts to continue (`Batch.from_contexts`, or `mmehr.data.windows.assemble` with
     last_is_target=False), with the modality events each may see. The model's media (if any) is
     compressed once per sample and fanned out with the cache. Returns one record per rollout; with
-    `trace`, also every generated token and its time.
+    `trace`, also every generated token and its time. `watch` (sample indices): stop as soon as those
+    samples' rollouts have all ended; theirs are then exactly what a full run draws (a step's draws do not
+    depend on later steps), the other samples' are cut short (reported `unfinished`).
     """
     model.eval()
     device = rules.allowed.device
@@ -328,6 +331,7 @@ def sample_rollouts(
     limit = rules.limit_us if rules.limit_us is not None else int(settings.max_simulated_days * DAY_US)
     over_reason = TIME_LIMIT if rules.limit_us is not None else UNFINISHED
     ids = torch.arange(R, device=device)  # stepper row -> rollout
+    watched = None if watch is None else torch.isin(fan, torch.as_tensor(watch, device=device))  # (R,)
     running = torch.ones(R, dtype=torch.bool, device=device)  # per stepper row
     reason = torch.full((R,), UNFINISHED, dtype=torch.int8, device=device)
     n_tokens = torch.zeros(R, dtype=torch.int32, device=device)
@@ -356,6 +360,8 @@ def sample_rollouts(
         n_running = int(running.sum())
         if n_running == 0 or step == n_new - 1:
             break  # rows still running keep reason UNFINISHED: the token cap
+        if watched is not None and not bool(watched[ids[running]].any()):
+            break  # every watched rollout has ended
         if n_running < settings.retire_below * running.numel():
             stepper.keep(running)  # retire finished rollouts: a smaller cache from here on
             ids, clock, start, nxt = ids[running], clock[running], start[running], nxt[running]
