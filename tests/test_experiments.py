@@ -129,3 +129,19 @@ def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):
     assert (record["a"], record["b"], record["task"], record["seeds"]) == ("better", "worse", "t", 2)
     assert 0 < record["lo"] < record["value"] < record["hi"]
     assert "(CI above 0)" in comparisons_markdown([record])
+
+
+def test_an_interrupted_training_run_is_resumed_not_refused(tmp_path, monkeypatch):
+    """A grid rerun after a kill continues the run's own half-written training (`--resume`: from its
+    latest intact checkpoint, or step 0) instead of failing on "already holds a training run"."""
+    from mmehr import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments, "run_stage", lambda *args, **kw: calls.append(args))
+    grid = Grid(base="base.yaml", runs={"a": []}, tasks=["icu_mortality"])
+    experiments.train_and_evaluate(grid, tmp_path / "base.yaml", tmp_path, "a", 0)
+    assert calls[0][0] == "train" and "--resume" not in calls[0]  # a fresh run starts fresh
+    calls.clear()
+    (experiments.run_dir(tmp_path, "a", 0) / "train").mkdir(parents=True)  # left by a killed run
+    experiments.train_and_evaluate(grid, tmp_path / "base.yaml", tmp_path, "a", 0)
+    assert calls[0][0] == "train" and "--resume" in calls[0]

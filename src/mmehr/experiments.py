@@ -129,6 +129,7 @@ def train_and_evaluate(
             "--out",
             str(train_dir),
             *[a for o in overrides for a in ("--set", o)],
+            *(["--resume"] if train_dir.exists() else []),  # an interrupted run continues from its checkpoint
             *extra,
             threads=threads,
             log=log,

@@ -157,7 +157,8 @@ class PerceiverResampler(nn.Module):
     for the media plus, whichever is cheaper (`fold_media_kv`, fixed by the sizes): the media keys/values
     once, O(N D^2), and O(n_latent_layers N n_latents D) for attention; or the projection folded into the
     queries (`FoldedMedia`), O(n_latent_layers n_head n_latents N D). Not O(n_latent_layers N D^2) as with
-    Flamingo's per-layer media projections (see docs/architecture.md for the measured difference).
+    Flamingo's per-layer media projections. With one layer (l = 1, the demo and the paper's default) the
+    two are the same computation; with l > 1 they differ, not measured for quality (docs/architecture.md).
     """
 
     def __init__(
@@ -168,7 +169,8 @@ class PerceiverResampler(nn.Module):
         self.ln_media = nn.LayerNorm(n_embd, bias=bias)
         self.media_kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
         # Random noise at the scale of the decoder's embeddings (GPT-2: std 0.02), so that at init the
-        # latents' residual stream is not dominated by the query vectors and does depend on the media.
+        # latents' residual stream depends on the media. Flamingo starts them at std 1; measured both ways
+        # in docs/architecture.md ("The Perceiver resampler beside Flamingo's").
         self.latents = nn.Parameter(0.02 * torch.randn(n_latents, n_embd))  # (n_latents, D)
         self.layers = nn.ModuleList(
             nn.ModuleList(
