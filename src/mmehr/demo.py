@@ -55,7 +55,7 @@ FULL = DemoSize(
     rollouts=20,
     max_samples=200,
     tuning_samples=100,
-    max_new_tokens=256,
+    max_new_tokens=512,  # the safety cap: a hospital stay can run past 256 generated tokens
 )
 FAST = DemoSize(
     subjects=160,
