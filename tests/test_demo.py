@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import polars as pl
+import pytest
 
 from mmehr.demo import TASKS
 
@@ -54,3 +55,11 @@ def test_demo_rerun_skips_completed_stages(fast_demo_out, run_fast_demo):
     assert result.stdout.count("already complete") == 8  # synth, tokenize, 3 x index, 3 x encode
     assert "$ mmehr train" not in result.stdout and "$ mmehr evaluate" not in result.stdout
     assert time.perf_counter() - t0 < 60
+
+
+def test_only_picks_study_runs_and_needs_study(tmp_path):
+    from mmehr.demo import demo
+
+    with pytest.raises(ValueError, match="--only picks runs of the study grid"):
+        demo(tmp_path / "out", fast=True, only=["ehr_only"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
