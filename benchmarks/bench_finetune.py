@@ -17,14 +17,14 @@ micro-batch (a fresh one each time: for a finetuned case, reading and tokenising
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import run_cases_in_subprocesses
 
 THREADS = 1
 SUBJECTS = 300
@@ -110,18 +110,7 @@ def run(quick: bool) -> list[dict]:
     work = Path(tempfile.gettempdir()) / f"mmehr-bench-finetune{'-quick' if quick else ''}"
     work.mkdir(exist_ok=True)
     paths = prepare(work, quick)
-    rows = []
-    for case in CASES:
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-        out = subprocess.run(
-            [sys.executable, __file__, case, json.dumps(paths), str(quick)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
-        rows.append({"case": case, **json.loads(out.stdout.strip().splitlines()[-1])})
+    rows = run_cases_in_subprocesses(__file__, CASES, [json.dumps(paths), str(quick)], THREADS)
     base, base_cpu = rows[0]["step_s"], rows[0]["step_cpu_s"]
     for r in rows:
         r["step_vs_frozen"] = r["step_s"] / base

@@ -22,16 +22,14 @@ loader). Figures per case:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import matmul_flops
+from common import matmul_flops, run_cases_in_subprocesses
 
 THREADS = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,21 +162,12 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
 def run(quick: bool) -> list[dict]:
     from tqdm import tqdm
 
-    work = Path(tempfile.gettempdir()) / f"mmehr-bench-train{'-quick' if quick else ''}"
-    work.mkdir(exist_ok=True)
-    paths = prepare(work, quick)
-    rows = []
-    for case in tqdm(CASES, desc="bench_train cases"):
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-        out = subprocess.run(
-            [sys.executable, __file__, case, json.dumps(paths), str(quick)],
-            capture_output=True,
-            text=True,
-            env=env,
+    # A fresh directory each run: timelines or stores cached by an older mmehr would not match this one.
+    with tempfile.TemporaryDirectory(prefix="mmehr-bench-train-") as tmp:
+        paths = prepare(Path(tmp), quick)
+        rows = run_cases_in_subprocesses(
+            __file__, tqdm(CASES, desc="bench_train cases"), [json.dumps(paths), str(quick)], THREADS
         )
-        if out.returncode != 0:
-            raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
-        rows.append({"case": case, **json.loads(out.stdout.strip().splitlines()[-1])})
     base = rows[0]["step_s"]
     for r in rows:
         r["step_vs_ehr_only"] = r["step_s"] / base

@@ -63,3 +63,18 @@ def matmul_flops(n: int = 1024, reps: int = 5, clock=time.perf_counter) -> float
     for _ in range(reps):
         a @ b
     return 2 * n**3 * reps / (clock() - t0)
+
+
+def run_cases_in_subprocesses(script: str, cases, args: list[str], threads: int) -> list[dict]:
+    """Run `python script CASE *args` once per case, each in a fresh process with `threads` torch threads
+    (so one case's allocations and thread pools never colour the next); each prints one JSON line last."""
+    import json
+
+    rows = []
+    for case in cases:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        out = subprocess.run([sys.executable, script, case, *args], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+        rows.append({"case": case, **json.loads(out.stdout.strip().splitlines()[-1])})
+    return rows

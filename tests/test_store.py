@@ -445,3 +445,13 @@ def test_events_indexed_by_mmehr_index_encode_through_load_payload(tmp_path):
             np.testing.assert_allclose(
                 stored[event_id].astype(np.float32), emb[0].numpy(), atol=2e-3, rtol=2e-3
             )
+
+
+def test_a_store_without_settings_is_refused_with_what_to_do(tmp_path):
+    """A store from before stores recorded their encoder settings (or a stray directory) is not silently
+    matched against a run: the error names it and says to encode again."""
+    from mmehr.modalities.store import settings_sha256
+
+    (tmp_path / "old-store").mkdir()
+    with pytest.raises(ValueError, match=r"old-store: no settings\.json.*encode it again"):
+        settings_sha256(tmp_path / "old-store")

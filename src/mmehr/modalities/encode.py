@@ -406,7 +406,9 @@ def _encode_batch(
 
 
 def finalise_store(root: Path, settings: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """Merge the finished parts into index.parquet / skipped.parquet and write manifest.json last."""
+    """Merge the finished parts into index.parquet / skipped.parquet and write manifest.json last (and
+    settings.json, which runs check a store against, when the writer has not written it yet)."""
+    _check_settings(root, settings)
     parts = sorted(root.glob("parts/part-*.parquet"))
     rows = pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame(schema=INDEX_SCHEMA)
     index = (

@@ -100,7 +100,13 @@ def read_store_manifest(root: str | Path) -> dict[str, Any]:
 def settings_sha256(root: str | Path) -> str:
     """Checksum of a store's settings (encoder, its weights, preprocessing, pooling, width): two stores
     with the same checksum hold embeddings that mean the same."""
-    settings = read_json(Path(root) / "settings.json")
+    path = Path(root) / "settings.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{root}: no settings.json, so what its embeddings mean is unknown (a store written before "
+            "stores recorded their encoder settings, or not a store): encode it again with `mmehr encode`"
+        )
+    settings = read_json(path)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
