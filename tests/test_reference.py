@@ -5,28 +5,18 @@ prediction time, and it finds a planted signal."""
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from conftest import run_mmehr as mmehr
 from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.metrics import auroc, pooled_paired_auroc_difference
 from mmehr.evaluate.reference import PooledEvents, ReferenceData, bag_of_codes, fit_references
 from mmehr.evaluate.tasks import load_task, task_samples
 from mmehr.modalities.store import EmbeddingStore
-
-
-def mmehr(*args: str) -> None:
-    exe = Path(sys.executable).with_name("mmehr")
-    proc = subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert proc.returncode == 0, f"mmehr {args[0]} failed:\n{proc.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
