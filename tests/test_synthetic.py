@@ -518,6 +518,13 @@ def test_icu_triage_draws_vitals_before_each_icu_admission_and_drives_icu_death(
     assert (
         before.select("subject_id", "icu_time").unique().height == icu.unique().height
     )  # every ICU admission
+    # The truth keeps the first ICU stay's deterioration (benchmarks/diagnose_zero_shot.py reads it).
+    truth = pl.read_parquet(tmp_path / "tri" / "truth.parquet")
+    assert (truth["first_icu_deterioration"].is_not_null() == truth["icu_admitted"]).all()
+    icu_stays = truth.filter("icu_admitted")
+    assert abs(icu_stays["first_icu_deterioration"].std() - 1.0) < 0.3
+    high = icu_stays["first_icu_deterioration"] > 0
+    assert icu_stays.filter(high)["icu_death"].mean() > icu_stays.filter(~high)["icu_death"].mean()
     off = _stays(SynthConfig(seed=7, death_offset=-1.5), 2000)
     lower = _stays(SynthConfig(seed=7), 2000)
     assert (

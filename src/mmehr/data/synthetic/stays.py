@@ -49,7 +49,8 @@ class Stay:
 TRUTH_SCHEMA = {
     "subject_id": pl.Int64, "hadm_id": pl.Int64, "stay_index": pl.Int32, "split": pl.String,
     "ed_us": pl.Int64, "admit_us": pl.Int64, "discharge_us": pl.Int64, "end_us": pl.Int64, "death_us": pl.Int64,
-    "first_icu_us": pl.Int64, "n_icu_stays": pl.Int32, "frailty": pl.Float64, "acute": pl.Float64,
+    "first_icu_us": pl.Int64, "n_icu_stays": pl.Int32, "first_icu_deterioration": pl.Float64,
+    "frailty": pl.Float64, "acute": pl.Float64,
     "visible_risk": pl.Float64, "hidden_risk": pl.Float64, "af": pl.Boolean, "opacity": pl.Boolean,
     "symptom": pl.Boolean, "icu_admitted": pl.Boolean, "icu_readmitted": pl.Boolean, "icu_death": pl.Boolean,
     "hospital_death": pl.Boolean,
@@ -72,6 +73,8 @@ def truth_rows(stays: list[Stay], split: str | None) -> list[dict]:
                 "death_us": s.death,
                 "first_icu_us": s.icu[0].start if s.icu else None,
                 "n_icu_stays": len(s.icu),
+                # with icu_triage: the deterioration seen in the labs before the first ICU admission
+                "first_icu_deterioration": s.icu[0].deterioration if s.icu else None,
                 "frailty": s.frailty,
                 "acute": s.acute,
                 "visible_risk": s.visible_risk,

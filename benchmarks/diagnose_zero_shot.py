@@ -1,0 +1,94 @@
+"""What a zero-shot model ranks by, against the synthetic cohort's planted truth.
+
+    python benchmarks/diagnose_zero_shot.py --synth demo_out/synth --task icu_mortality \
+        demo_out/experiments/runs/ehr_only/seed0/eval demo_out/experiments/runs/all_three/seed0/eval
+
+Joins each evaluated sample (`<eval>/<task>/predictions.parquet` and the references' `reference.parquet`)
+to its stay in `<synth>/truth.parquet` (the stay admitted last at or before the prediction time) and
+prints, per evaluation, the AUROC of the zero-shot probability, of each supervised reference, and of two
+oracles made from the planted risk: the EHR part (ehr_strength x (0.5 frailty + acute), plus icu_triage x
+the deterioration before the ICU admission for ICU mortality) and the EHR part plus the hidden conditions'
+part. Then the Spearman correlation of the zero-shot and the EHR reference with the EHR part and with the
+deterioration, and how well each prediction follows each hidden condition (AUROC of the prediction for the
+condition; 0.5: not at all). This is how the ICU-mortality gap was traced (README, "What the demo shows").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+CONDITIONS = ("af", "opacity", "symptom")
+
+
+def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.DataFrame:
+    """The task's evaluated samples, their reference probabilities (p_*) and their stay's truth row."""
+    pred = pl.read_parquet(eval_dir / task / "predictions.parquet").select(
+        "subject_id",
+        pl.col("prediction_time").cast(pl.Int64),
+        "boolean_value",
+        pl.col("predicted_boolean_probability").alias("zero_shot"),
+    )
+    ref = eval_dir / task / "reference.parquet"
+    if ref.is_file():
+        pred = pred.join(pl.read_parquet(ref).drop("boolean_value"), on=["subject_id", "prediction_time"])
+    return pred.sort("prediction_time").join_asof(
+        truth.sort("admit_us"),
+        left_on="prediction_time",
+        right_on="admit_us",
+        by="subject_id",
+        strategy="backward",
+        check_sortedness=False,  # both sides are sorted on the times; polars cannot check it per subject
+    )
+
+
+def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
+    y = d["boolean_value"].to_numpy()
+    ehr = cfg["ehr_strength"] * d["visible_risk"].to_numpy()
+    det = None
+    if task == "icu_mortality" and "first_icu_deterioration" in d.columns:
+        first = (d["prediction_time"] == d["first_icu_us"]).to_numpy()
+        d, y, ehr = d.filter(pl.Series(first)), y[first], ehr[first]  # the deterioration is the first stay's
+        det = d["first_icu_deterioration"].fill_null(0.0).to_numpy()
+        ehr = ehr + cfg.get("icu_triage", 0.0) * det
+    preds = {c: d[c].to_numpy() for c in d.columns if c == "zero_shot" or c.startswith("p_")}
+    out: dict = {"n": len(d), "positive": int(y.sum())}
+    out["auroc"] = {k: roc_auc_score(y, v) for k, v in preds.items()}
+    out["auroc"]["oracle: EHR part"] = roc_auc_score(y, ehr)
+    out["auroc"]["oracle: EHR + hidden"] = roc_auc_score(y, ehr + d["hidden_risk"].to_numpy())
+    for name in ("zero_shot", "p_ehr"):
+        if name in preds:
+            out[f"spearman {name} ~ EHR part"] = spearmanr(preds[name], ehr)[0]
+            if det is not None:
+                out[f"spearman {name} ~ deterioration"] = spearmanr(preds[name], det)[0]
+    out["follows"] = {
+        f"{k} ~ {c}": roc_auc_score(d[c].to_numpy(), v) for c in CONDITIONS for k, v in preds.items()
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synth", type=Path, required=True, help="the `mmehr synth` output (truth.parquet)")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("evals", nargs="+", type=Path, help="`mmehr evaluate` output directories")
+    args = ap.parse_args(argv)
+    truth = pl.read_parquet(args.synth / "truth.parquet")
+    cfg = json.loads((args.synth / "manifest.json").read_text())["config"]
+    for eval_dir in args.evals:
+        r = diagnose(samples_with_truth(eval_dir, args.task, truth), args.task, cfg)
+        print(f"\n## {eval_dir} ({args.task}: n = {r['n']}, {r['positive']} positive)")
+        print(" | ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
+        print(" | ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("spearman")))
+        print("follows: " + " | ".join(f"{k} {v:.2f}" for k, v in r["follows"].items() if not np.isnan(v)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
