@@ -39,6 +39,9 @@ def test_joins_each_sample_to_its_stay_and_scores_the_oracles(tmp_path: Path) ->
     logit = 2.0 * truth["visible_risk"].to_numpy() + 1.5 * truth["first_icu_deterioration"].to_numpy()
     y = rng.random(400) < 1 / (1 + np.exp(-logit))
     t = truth["first_icu_us"].to_numpy()
+    hours = rng.uniform(2, 72, size=400)
+    death = pl.Series("death_us", np.where(y, t + (hours * HOUR).astype(np.int64), 0)).replace(0, None)
+    truth = truth.with_columns(death)
     task = tmp_path / "eval" / "icu_mortality"
     task.mkdir(parents=True)
     pl.DataFrame(
@@ -61,3 +64,8 @@ def test_joins_each_sample_to_its_stay_and_scores_the_oracles(tmp_path: Path) ->
     assert auroc["zero_shot"] < auroc["oracle: EHR part"] - 0.05  # it misses the deterioration
     assert r["spearman zero_shot ~ deterioration"] < 0.1 < r["spearman p_ehr ~ deterioration"]
     assert r["follows"]["zero_shot ~ af"] < 0.6  # af follows the hidden part only
+    # Deaths split by how soon they come, each group against every survivor.
+    groups = {k: v for k, v in r.items() if k.startswith("auroc, death")}
+    sizes = [int(k.split("(")[1].rstrip(")")) for k in groups]
+    assert len(groups) == 3 and sum(sizes) == int(y.sum())
+    assert all(v["p_ehr"] == v["oracle: EHR part"] for v in groups.values())
