@@ -19,6 +19,9 @@ compression method, k, l, ...), and the tables to build from them:
 
 Each (run, seed) is trained (`mmehr train`) and evaluated (`mmehr evaluate`) in its own directory under
 DIR/runs/<run>/seed<k>/; a run whose outputs are complete is skipped, so an interrupted grid resumes.
+In a run's overrides `{seed}` is the seed, and `{run:NAME}` the training directory of the grid's run NAME
+at the same seed (e.g. `train.init_from={run:ehr_only}`: a multimodal run started from that seed's
+EHR-only model); such a run waits until every run it names is done.
 Results: DIR/results.parquet (one row per run, seed, variant, task, metric), DIR/tables.md and
 DIR/tables.json (per table: mean over seeds, spread, and the bootstrap CI of each seed; beside each run the
 supervised reference that sees what it sees, `mmehr.evaluate.reference`), the paired comparisons, one plot
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,7 +89,33 @@ def load_grid(path: str | Path) -> tuple[Grid, Path]:
         raise ValueError(f"{path}: knockout or compare names unknown runs {unknown}")
     if any(len(pair) != 2 for pair in grid.compare):
         raise ValueError(f"{path}: each compare entry is a pair [run_a, run_b]")
+    for run in grid.runs:
+        for dep in depends_on(grid, run):
+            if dep not in grid.runs or depends_on(grid, dep):
+                raise ValueError(
+                    f"{path}: run {run!r} names {{run:{dep}}}, which is not a run of the grid, or names "
+                    "runs of its own (one level only)"
+                )
     return grid, base
+
+
+RUN_REF = re.compile(r"\{run:([A-Za-z0-9_.-]+)\}")
+
+
+def depends_on(grid: Grid, run: str) -> list[str]:
+    """The runs whose training directories `run`'s overrides name with {run:NAME}."""
+    return sorted({m for o in grid.runs[run] for m in RUN_REF.findall(o)})
+
+
+def run_overrides(grid: Grid, out: Path, run: str, seed: int) -> list[str]:
+    """The grid's and the run's overrides for one seed: {seed} and {run:NAME} filled in."""
+    filled = [
+        RUN_REF.sub(lambda m: str(run_dir(out, m.group(1), seed).resolve() / "train"), o).replace(
+            "{seed}", str(seed)
+        )
+        for o in grid.runs[run]
+    ]
+    return [*grid.set, *filled, f"run.seed={seed}"]
 
 
 def run_stage(*args: str, threads: int | None = None, log: Path | None = None) -> None:
@@ -121,7 +151,7 @@ def train_and_evaluate(
     extra = ["--no-progress"] if quiet else []
     train_dir, eval_dir = d / "train", d / "eval"
     if not is_complete(train_dir):
-        overrides = [*grid.set, *grid.runs[run], f"run.seed={seed}"]
+        overrides = run_overrides(grid, out, run, seed)
         run_stage(
             "train",
             "--config",
@@ -406,9 +436,26 @@ def _ablate(
     grid: Grid, base: Path, grid_path: str | Path, out: Path, only: list[str] | None, jobs: int
 ) -> Path:
     todo = [(r, s) for s in grid.seeds for r in grid.runs if not only or r in only]
-    t0 = time.perf_counter()
+    picked = set(todo)
+    missing = sorted(
+        {f"{d} seed {s}" for r, s in todo for d in depends_on(grid, r) if (d, s) not in picked}
+        - {
+            f"{d} seed {s}"
+            for d in grid.runs
+            for s in grid.seeds
+            if is_complete(run_dir(out, d, s) / "train")
+        }
+    )
+    if missing:
+        raise ValueError(f"the picked runs start from runs not picked and not trained yet: {missing}")
+    # Runs that start from another run's model go second, when every run they name is done.
+    phases = [
+        [rs for rs in todo if not depends_on(grid, rs[0])],
+        [rs for rs in todo if depends_on(grid, rs[0])],
+    ]
+    t0, done = time.perf_counter(), 0
     if jobs <= 1:
-        for i, (run, seed) in enumerate(todo, 1):
+        for i, (run, seed) in enumerate(phases[0] + phases[1], 1):
             print(f"[ablate {i}/{len(todo)}] {run} seed {seed}", flush=True)
             train_and_evaluate(grid, base, out, run, seed)
     else:
@@ -418,21 +465,25 @@ def _ablate(
             f"[ablate] {len(todo)} runs, {jobs} at a time with {threads} thread(s) each; logs in runs/*/seed*/log.txt",
             flush=True,
         )
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {
-                pool.submit(train_and_evaluate, grid, base, out, run, seed, threads=threads, quiet=True): (
-                    run,
-                    seed,
-                )
-                for run, seed in todo
-            }
-            for i, future in enumerate(as_completed(futures), 1):
-                run, seed = futures[future]
-                future.result()  # a failed run stops the grid with its error (and names its log)
-                print(
-                    f"[ablate {i}/{len(todo)}] {run} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
+        for phase in phases:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = {
+                    pool.submit(
+                        train_and_evaluate, grid, base, out, run, seed, threads=threads, quiet=True
+                    ): (
+                        run,
+                        seed,
+                    )
+                    for run, seed in phase
+                }
+                for future in as_completed(futures):
+                    run, seed = futures[future]
+                    future.result()  # a failed run stops the grid with its error (and names its log)
+                    done += 1
+                    print(
+                        f"[ablate {done}/{len(todo)}] {run} seed {seed} done ({time.perf_counter() - t0:.0f} s)",
+                        flush=True,
+                    )
     tables = write_tables(grid, out)
     write_json(
         out / "manifest.json",
