@@ -145,3 +145,47 @@ def test_an_interrupted_training_run_is_resumed_not_refused(tmp_path, monkeypatc
     (experiments.run_dir(tmp_path, "a", 0) / "train").mkdir(parents=True)  # left by a killed run
     experiments.train_and_evaluate(grid, tmp_path / "base.yaml", tmp_path, "a", 0)
     assert calls[0][0] == "train" and "--resume" in calls[0]
+
+
+def test_a_run_started_from_another_runs_model_gets_its_seeds_directory_and_waits_for_it(
+    tmp_path, monkeypatch
+):
+    """`{run:NAME}` is the named run's training directory at the same seed, `{seed}` the seed; such a run is
+    trained after every run it names (also with parallel jobs), and a grid naming an unknown run fails."""
+    from mmehr import experiments
+
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {}\n")
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(
+        "base: base.yaml\nseeds: [0, 1]\nruns:\n"
+        "  warm: ['train.init_from={run:cold}', 'run.out=x{seed}']\n  cold: []\n"
+        "tables: [{title: T, runs: [cold, warm]}]\n"
+    )
+    calls = []
+
+    def fake_stage(*args, **kw):
+        calls.append(args)
+        if args[0] == "train":  # stands in for a finished training run
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "manifest.json").write_text('{"stage": "train"}')
+
+    monkeypatch.setattr(experiments, "run_stage", fake_stage)
+    monkeypatch.setattr(experiments, "is_complete", lambda d: (Path(d) / "manifest.json").is_file())
+    monkeypatch.setattr(experiments, "write_tables", lambda grid, out: out / "tables.md")
+    for jobs in (1, 2):
+        calls.clear()
+        out = tmp_path / f"out{jobs}"
+        experiments.ablate(grid_path, out, jobs=jobs)
+        trains = [c for c in calls if c[0] == "train"]
+        order = [Path(c[c.index("--out") + 1]).parent.parent.name for c in trains]
+        assert order[:2] == ["cold", "cold"] and order[2:] == ["warm", "warm"]
+        for c in trains[2:]:
+            seed = Path(c[c.index("--out") + 1]).parent.name  # seed0 / seed1
+            sets = [c[i + 1] for i, a in enumerate(c) if a == "--set"]
+            assert f"train.init_from={(out / 'runs' / 'cold' / seed / 'train').resolve()}" in sets
+            assert f"run.out=x{seed[-1]}" in sets
+    grid_path.write_text("base: base.yaml\nruns:\n  warm: ['train.init_from={run:nope}']\n")
+    with pytest.raises(ValueError, match=r"\{run:nope\}"):
+        load_grid(grid_path)
