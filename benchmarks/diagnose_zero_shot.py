@@ -51,6 +51,8 @@ def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.Dat
 
 
 def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
+    """AUROCs, rank correlations and condition-following of one task's samples (`samples_with_truth`);
+    cfg: the synth manifest's config (the planted strengths)."""
     y = d["boolean_value"].to_numpy()
     ehr = cfg["ehr_strength"] * d["visible_risk"].to_numpy()
     det = None

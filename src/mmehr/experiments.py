@@ -438,13 +438,10 @@ def _ablate(
     todo = [(r, s) for s in grid.seeds for r in grid.runs if not only or r in only]
     picked = set(todo)
     missing = sorted(
-        {f"{d} seed {s}" for r, s in todo for d in depends_on(grid, r) if (d, s) not in picked}
-        - {
-            f"{d} seed {s}"
-            for d in grid.runs
-            for s in grid.seeds
-            if is_complete(run_dir(out, d, s) / "train")
-        }
+        f"{d} seed {s}"
+        for r, s in todo
+        for d in depends_on(grid, r)
+        if (d, s) not in picked and not is_complete(run_dir(out, d, s) / "train")
     )
     if missing:
         raise ValueError(f"the picked runs start from runs not picked and not trained yet: {missing}")
