@@ -186,6 +186,9 @@ def test_a_run_started_from_another_runs_model_gets_its_seeds_directory_and_wait
             sets = [c[i + 1] for i, a in enumerate(c) if a == "--set"]
             assert f"train.init_from={(out / 'runs' / 'cold' / seed / 'train').resolve()}" in sets
             assert f"run.out=x{seed[-1]}" in sets
+    with pytest.raises(ValueError, match=r"cold seed 0"):  # --only warm, with no cold model to start from
+        experiments.ablate(grid_path, tmp_path / "out3", only=["warm"])
+    experiments.ablate(grid_path, tmp_path / "out1", only=["warm"])  # cold is trained there: fine
     grid_path.write_text("base: base.yaml\nruns:\n  warm: ['train.init_from={run:nope}']\n")
     with pytest.raises(ValueError, match=r"\{run:nope\}"):
         load_grid(grid_path)
