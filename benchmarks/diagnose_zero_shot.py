@@ -4,7 +4,8 @@
         demo_out/experiments/runs/ehr_only/seed0/eval demo_out/experiments/runs/all_three/seed0/eval
 
 Joins each evaluated sample (`<eval>/<task>/predictions.parquet` and the references' `reference.parquet`)
-to its stay in `<synth>/truth.parquet` (the stay admitted last at or before the prediction time) and
+to its stay in `<synth>/truth.parquet` (`mmehr.report.join_stays`: the stay admitted last at or before
+the prediction time, while it lasts) and
 prints, per evaluation, the AUROC of the zero-shot probability, of each supervised reference, and of two
 oracles made from the planted risk: the EHR part (ehr_strength x (0.5 frailty + acute), plus icu_triage x
 the deterioration before the ICU admission for ICU mortality) and the EHR part plus the hidden conditions'
@@ -26,6 +27,8 @@ import polars as pl
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from mmehr.report import join_stays
+
 CONDITIONS = ("af", "opacity", "symptom")
 
 
@@ -40,14 +43,7 @@ def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.Dat
     ref = eval_dir / task / "reference.parquet"
     if ref.is_file():
         pred = pred.join(pl.read_parquet(ref).drop("boolean_value"), on=["subject_id", "prediction_time"])
-    return pred.sort("prediction_time").join_asof(
-        truth.sort("admit_us"),
-        left_on="prediction_time",
-        right_on="admit_us",
-        by="subject_id",
-        strategy="backward",
-        check_sortedness=False,  # both sides are sorted on the times; polars cannot check it per subject
-    )
+    return join_stays(pred, truth, time_col="prediction_time")
 
 
 def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:

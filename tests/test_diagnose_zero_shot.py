@@ -22,6 +22,7 @@ def _truth(n: int, rng: np.random.Generator) -> pl.DataFrame:
             "subject_id": np.arange(n) % 7,
             "admit_us": admit,
             "first_icu_us": admit + 5 * HOUR,
+            "end_us": admit + 100 * HOUR,
             "first_icu_deterioration": det,
             "visible_risk": visible,
             "hidden_risk": hidden,

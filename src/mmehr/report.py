@@ -271,6 +271,20 @@ def _stores_of(root: Path) -> dict[str, Path]:
     return stores
 
 
+def join_stays(pred: pl.DataFrame, truth: pl.DataFrame, time_col: str = "t") -> pl.DataFrame:
+    """Each prediction (subject_id, `time_col` in µs) with its hospital stay's truth row: the stay of that
+    subject admitted last at or before the prediction time, kept only while the stay has not ended."""
+    j = pred.sort(time_col).join_asof(
+        truth.sort("admit_us"),
+        left_on=time_col,
+        right_on="admit_us",
+        by="subject_id",
+        strategy="backward",
+        check_sortedness=False,  # both sides are sorted on the times; polars cannot check it per subject
+    )
+    return j.filter(pl.col("admit_us").is_not_null() & (pl.col(time_col) <= pl.col("end_us")))
+
+
 def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     """Which planted condition each run's predicted risk follows, from the synthetic cohort's truth table.
 
@@ -279,25 +293,13 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     condition from stays without (0.5: the prediction ignores it); and the rank correlation (Spearman) of
     the predicted risk with the EHR-visible risk.
     """
-    truth = (
-        pl.read_parquet(truth_path)
-        .select("subject_id", "admit_us", "end_us", *PLANTED, "visible_risk")
-        .sort("admit_us")
-    )
+    truth = pl.read_parquet(truth_path).select("subject_id", "admit_us", "end_us", *PLANTED, "visible_risk")
     head = "| run | task | n | " + " | ".join(PLANTED.values()) + " | EHR-visible risk (Spearman) |"
     rows = []
     for name, d in evals.items():
         for path in sorted(d.glob("*/predictions.parquet")):
-            pred = pl.read_parquet(path).with_columns(t=pl.col("prediction_time").cast(pl.Int64)).sort("t")
-            j = pred.join_asof(
-                truth,
-                left_on="t",
-                right_on="admit_us",
-                by="subject_id",
-                strategy="backward",
-                check_sortedness=False,
-            )
-            j = j.filter(pl.col("admit_us").is_not_null() & (pl.col("t") <= pl.col("end_us")))
+            pred = pl.read_parquet(path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
+            j = join_stays(pred, truth)
             if j.height < 2:
                 continue
             p = j["predicted_boolean_probability"].to_numpy().astype(float)
