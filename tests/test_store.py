@@ -169,7 +169,10 @@ def test_fetch_pads_a_training_batch(events, enc, tmp_path):
             np.testing.assert_array_equal(emb[b, j, :n], store.events_before(subjects[b], times[b], 4)[j][1])
     assert not emb[~token_mask].any() and not token_mask[2].any()
     emb8, mask8, _, _ = store.fetch(subjects, times, k=4, n_tokens=8)
-    assert emb8.shape[2] == 8 and mask8.sum(-1).max() <= 8
+    assert emb8.shape[2] == min(8, N) and mask8.sum(-1).max() <= 8
+    np.testing.assert_array_equal(emb8, emb[:, :, : min(8, N)])  # truncation keeps each event's first tokens
+    emb_wide, _, _, _ = store.fetch(subjects, times, k=4, n_tokens=N + 50)
+    assert emb_wide.shape[2] == N  # never padded past the longest event fetched
 
 
 def test_pool_tokens_keeps_summary_tokens_and_averages_windows():
