@@ -425,6 +425,25 @@ def test_param_groups_keep_gates_norms_biases_and_embeddings_out_of_weight_decay
     assert opt.param_groups[2]["lr_scale"] == m.config.fusion.gate_lr_scale
 
 
+def test_fusion_lr_scale_gives_the_fusion_its_own_groups_and_keeps_the_default_layout():
+    m = model(time_bias=True, lr_scale=3.0)
+    decay, no_decay, fusion_decay, fusion_no_decay, gates = m.param_groups(0.1)
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    fusion = {id(p) for p in m.fusion.parameters()} - ids(gates)
+    assert ids(fusion_decay) | ids(fusion_no_decay) == fusion
+    assert not (ids(decay) | ids(no_decay)) & fusion  # the decoder keeps the base learning rate
+    assert fusion_decay["lr_scale"] == fusion_no_decay["lr_scale"] == 3.0 and decay["lr_scale"] == 1.0
+    assert fusion_decay["weight_decay"] == 0.1 and fusion_no_decay["weight_decay"] == 0.0
+    assert id(m.fusion.compressors["note"].latents) in ids(fusion_no_decay)
+    assert id(m.fusion.xattn["0"].attn.q.weight) in ids(fusion_decay)
+    # lr_scale 1 (every run before it existed): the same 3 groups, parameters in the same order
+    plain = model(time_bias=True)
+    before = [[id(p) for p in g["params"]] for g in plain.param_groups(0.1)]
+    assert len(before) == 3 and before[0][-1] == id(plain.fusion.xattn["1"].ff.c_proj.weight)
+    with pytest.raises(ValueError, match="lr_scale"):
+        config(lr_scale=0.0)
+
+
 def test_gate_values_name_every_block():
     torch.manual_seed(0)
     m = GPT(config(n_layer=4, xattn_every=2))

@@ -80,7 +80,9 @@ class FusionConfig:
     gate: `sigmoid` (the paper: g = sigmoid(beta), beta starting at `gate_init`) or `tanh` (Flamingo:
     g = tanh(alpha), alpha starting at 0, an exact identity at init; `gate_init` is then ignored). Each
     block has two gates, attention and feed-forward. gate_lr_scale: learning-rate multiplier of the gate
-    scalars. modality_dropout: at train time, drop each available event with this probability.
+    scalars. lr_scale: learning-rate multiplier of everything else the fusion adds to the decoder
+    (compressors, cross-attention blocks, modality embeddings, time bias); a finetuned encoder keeps its
+    finetune_lr_scale. modality_dropout: at train time, drop each available event with this probability.
     modality_embedding: add a learned vector per modality to its compressed tokens. time_bias: a learned
     per-head cross-attention bias on log-spaced buckets of an event's age at each query token.
     """
@@ -91,6 +93,7 @@ class FusionConfig:
     gate: Literal["sigmoid", "tanh"] = "sigmoid"
     gate_init: float = -4.0
     gate_lr_scale: float = 30.0
+    lr_scale: float = 1.0
     modality_dropout: float = 0.0
     modality_embedding: bool = True
     time_bias: bool = False
@@ -103,6 +106,10 @@ class FusionConfig:
             raise ValueError("xattn_every and xattn_ff_mult must be >= 1")
         if self.gate not in ("sigmoid", "tanh"):
             raise ValueError(f"gate must be 'sigmoid' or 'tanh', got {self.gate!r}")
+        if self.gate_lr_scale <= 0 or self.lr_scale <= 0:
+            raise ValueError(
+                f"gate_lr_scale and lr_scale must be > 0, got {self.gate_lr_scale}, {self.lr_scale}"
+            )
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
 

@@ -195,10 +195,17 @@ class GPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: Linear weights decay; biases, norms, embeddings, latents, time-bias table do not;
-        gate scalars form their own group without decay; a finetuned encoder's trainable parameters form
-        their own groups (its Linear weights decay) at its modality's finetune_lr_scale. Every group has an
-        `lr_scale` (gates: fusion.gate_lr_scale) that the trainer multiplies into the learning rate."""
+        gate scalars form their own group without decay; the fusion's other parameters (compressors,
+        cross-attention) form their own decay / no-decay pair when fusion.lr_scale != 1; a finetuned encoder's trainable parameters
+        form their own groups (its Linear weights decay) at its modality's finetune_lr_scale. Every group
+        has an `lr_scale` (gates: fusion.gate_lr_scale, the rest of the fusion: fusion.lr_scale) that the
+        trainer multiplies into the learning rate."""
         decay, no_decay, gates, seen = [], [], [], set()
+        fusion_decay, fusion_no_decay = [], []
+        fusion_ids = set()
+        if self.fusion is not None:
+            encoder_ids = {id(p) for p in self.fusion.encoders.parameters()}
+            fusion_ids = {id(p) for p in self.fusion.parameters() if id(p) not in encoder_ids}
         encoder_groups = []
         for name, encoder in self.fusion.encoders.items() if self.fusion is not None else []:
             scale = self.config.fusion.modalities[name].finetune_lr_scale
@@ -220,18 +227,26 @@ class GPT(nn.Module):
                 if id(p) in seen or not p.requires_grad:
                     continue
                 seen.add(id(p))
+                in_fusion = id(p) in fusion_ids
                 if isinstance(module, GatedCrossAttentionBlock) and pname == "gate":
                     gates.append(p)
                 elif isinstance(module, nn.Linear) and pname == "weight":
-                    decay.append(p)
+                    (fusion_decay if in_fusion else decay).append(p)
                 else:
-                    no_decay.append(p)
+                    (fusion_no_decay if in_fusion else no_decay).append(p)
+        fusion_scale = self.config.fusion.lr_scale
+        if fusion_scale == 1.0:  # the layout (and so the optimizer state) of runs from before lr_scale
+            decay, no_decay, fusion_decay, fusion_no_decay = (
+                decay + fusion_decay,
+                no_decay + fusion_no_decay,
+                [],
+                [],
+            )
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
             {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+            {"params": fusion_decay, "weight_decay": weight_decay, "lr_scale": fusion_scale},
+            {"params": fusion_no_decay, "weight_decay": 0.0, "lr_scale": fusion_scale},
+            {"params": gates, "weight_decay": 0.0, "lr_scale": self.config.fusion.gate_lr_scale},
         ]
-        if gates:
-            groups.append(
-                {"params": gates, "weight_decay": 0.0, "lr_scale": self.config.fusion.gate_lr_scale}
-            )
-        return groups + [g for g in encoder_groups if g["params"]]
+        return [g for g in groups + encoder_groups if g["params"]]
