@@ -196,10 +196,10 @@ class GPT(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: Linear weights decay; biases, norms, embeddings, latents, time-bias table do not;
         gate scalars form their own group without decay; the fusion's other parameters (compressors,
-        cross-attention) form their own decay / no-decay pair when fusion.lr_scale != 1; a finetuned encoder's trainable parameters
-        form their own groups (its Linear weights decay) at its modality's finetune_lr_scale. Every group
-        has an `lr_scale` (gates: fusion.gate_lr_scale, the rest of the fusion: fusion.lr_scale) that the
-        trainer multiplies into the learning rate."""
+        cross-attention) form their own decay / no-decay pair when fusion.lr_scale != 1; a finetuned
+        encoder's trainable parameters form their own groups (its Linear weights decay) at its modality's
+        finetune_lr_scale. Every group has an `lr_scale` (gates: fusion.gate_lr_scale, the rest of the
+        fusion: fusion.lr_scale) that the trainer multiplies into the learning rate."""
         decay, no_decay, gates, seen = [], [], [], set()
         fusion_decay, fusion_no_decay = [], []
         fusion_ids = set()
@@ -236,12 +236,8 @@ class GPT(nn.Module):
                     (fusion_no_decay if in_fusion else no_decay).append(p)
         fusion_scale = self.config.fusion.lr_scale
         if fusion_scale == 1.0:  # the layout (and so the optimizer state) of runs from before lr_scale
-            decay, no_decay, fusion_decay, fusion_no_decay = (
-                decay + fusion_decay,
-                no_decay + fusion_no_decay,
-                [],
-                [],
-            )
+            decay, no_decay = decay + fusion_decay, no_decay + fusion_no_decay
+            fusion_decay, fusion_no_decay = [], []
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
             {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
