@@ -175,9 +175,8 @@ class EmbeddingStore:
 
         Returns emb (B, k, N, d_enc) float16, token_mask (B, k, N) bool, event_time (B, k) int64 µs,
         event_mask (B, k) bool. N = the longest event fetched, at most `n_tokens` (longer events truncated):
-        a batch is never padded past its longest event, since every reader masks padding out (a note store
-        holds 256 tokens per event but ~95 real ones on average: the padding was most of the notes' work).
-        """
+        a batch is never padded past its longest event, since every reader masks padding out (the demo's
+        notes have up to 256 tokens, 95 on average)."""
         rows = [self.rows_before(int(s), int(t), k) for s, t in zip(subject_ids, times_us, strict=True)]
         longest = max((int(self.length[r].max()) for r in rows if len(r)), default=1)
         N = min(n_tokens, longest) if n_tokens else longest
