@@ -65,6 +65,24 @@ def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
     assert "| mm | 0.800 [0.750, 0.850] |" in md
 
 
+def test_a_table_without_a_task_is_written_and_plotted_for_every_task(tmp_path, monkeypatch):
+    from mmehr import experiments
+
+    grid = Grid(base="x", runs={"ehr": [], "mm": []}, tasks=["icu_mortality", "icu_admission"], seeds=[0])
+    grid.tables = [TableSpec(title="Table 2", runs=["ehr", "mm"])]
+    rows = [
+        (run, 0, "full", task, "auroc", v, v - 0.05, v + 0.05)
+        for run, v in (("ehr", 0.7), ("mm", 0.8))
+        for task in grid.tasks
+    ]
+    monkeypatch.setattr(experiments, "collect", lambda grid, out: _results(rows))
+    md = experiments.write_tables(grid, tmp_path).read_text()
+    assert "### Table 2: icu_mortality" in md and "### Table 2: icu_admission" in md
+    for task in grid.tasks:
+        assert (tmp_path / "plots" / f"table1_{task}.png").stat().st_size > 0
+        assert f"](plots/table1_{task}.png)" in md
+
+
 def test_markdown_to_html_renders_tables_images_and_lists():
     html = markdown_to_html("# T\n\n- a `b`\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n![p](plots/p.png)\n")
     assert "<h1>T</h1>" in html

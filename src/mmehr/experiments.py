@@ -15,7 +15,7 @@ compression method, k, l, ...), and the tables to build from them:
     knockout: [all_three]              # runs also evaluated with each modality hidden
     compare: [[notes, ehr_only]]       # paired AUROC differences, pooled over seeds
     tables:
-      - {title: "Table 2: modalities", runs: [ehr_only, notes], task: icu_mortality}
+      - {title: "Table 2: modalities", runs: [ehr_only, notes], task: icu_mortality}  # no task: every task
 
 Each (run, seed) is trained (`mmehr train`) and evaluated (`mmehr evaluate`) in its own directory under
 DIR/runs/<run>/seed<k>/; a run whose outputs are complete is skipped, so an interrupted grid resumes.
@@ -25,7 +25,7 @@ EHR-only model); such a run waits until every run it names is done.
 Results: DIR/results.parquet (one row per run, seed, variant, task, metric), DIR/tables.md and
 DIR/tables.json (per table: mean over seeds, spread, and the bootstrap CI of each seed; beside each run the
 supervised reference that sees what it sees, `mmehr.evaluate.reference`), the paired comparisons, one plot
-per table. `--jobs N` trains and evaluates N (run, seed) pairs at once, the cores split between them.
+per table and task. `--jobs N` trains and evaluates N (run, seed) pairs at once, the cores split between them.
 """
 
 from __future__ import annotations
@@ -407,12 +407,10 @@ def write_tables(grid: Grid, out: Path) -> Path:
     with atomic_path(out / "results.parquet") as tmp:
         results.write_parquet(tmp)
     md, records = tables_markdown(grid, results)
-    plots = []
     for i, spec in enumerate(grid.tables):
-        task = spec.task or grid.tasks[0]
-        png = plot_table(spec.title, task, spec.runs, results, out / "plots" / f"table{i + 1}.png")
-        plots.append(png)
-        md += f"\n![{spec.title}](plots/{png.name})\n"
+        for task in [spec.task] if spec.task else grid.tasks:  # one plot per table and task, as the tables
+            png = plot_table(spec.title, task, spec.runs, results, out / "plots" / f"table{i + 1}_{task}.png")
+            md += f"\n![{spec.title}: {task}](plots/{png.name})\n"
     comparisons = compare_runs(grid, out)
     md += "\n" + comparisons_markdown(comparisons)
     with atomic_path(out / "tables.md") as tmp:
