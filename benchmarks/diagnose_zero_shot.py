@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
+from mmehr.evaluate.metrics import auroc
 from mmehr.report import join_stays
 
 CONDITIONS = ("af", "opacity", "symptom")
@@ -59,9 +59,9 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
         ehr = ehr + cfg.get("icu_triage", 0.0) * det
     preds = {c: d[c].to_numpy() for c in d.columns if c == "zero_shot" or c.startswith("p_")}
     out: dict = {"n": len(d), "positive": int(y.sum())}
-    out["auroc"] = {k: roc_auc_score(y, v) for k, v in preds.items()}
-    out["auroc"]["oracle: EHR part"] = roc_auc_score(y, ehr)
-    out["auroc"]["oracle: EHR + hidden"] = roc_auc_score(y, ehr + d["hidden_risk"].to_numpy())
+    out["auroc"] = {k: auroc(y, v) for k, v in preds.items()}
+    out["auroc"]["oracle: EHR part"] = auroc(y, ehr)
+    out["auroc"]["oracle: EHR + hidden"] = auroc(y, ehr + d["hidden_risk"].to_numpy())
     for name in ("zero_shot", "p_ehr"):
         if name in preds:
             out[f"spearman {name} ~ EHR part"] = spearmanr(preds[name], ehr)[0]
@@ -78,10 +78,10 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
             keep = ~y | ((hours >= lo) & (hours < hi))
             if y[keep].any():
                 out[f"auroc, {name} ({int(y[keep].sum())})"] = {
-                    k: roc_auc_score(y[keep], v[keep]) for k, v in scores.items()
+                    k: auroc(y[keep], v[keep]) for k, v in scores.items()
                 }
     out["follows"] = {
-        f"{k} ~ {c}": roc_auc_score(d[c].to_numpy(), v) for c in CONDITIONS for k, v in preds.items()
+        f"{k} ~ {c}": auroc(d[c].to_numpy(), v) for c in CONDITIONS for k, v in preds.items()
     }
     return out
 
