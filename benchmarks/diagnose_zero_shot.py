@@ -80,9 +80,7 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
                 out[f"auroc, {name} ({int(y[keep].sum())})"] = {
                     k: auroc(y[keep], v[keep]) for k, v in scores.items()
                 }
-    out["follows"] = {
-        f"{k} ~ {c}": auroc(d[c].to_numpy(), v) for c in CONDITIONS for k, v in preds.items()
-    }
+    out["follows"] = {f"{k} ~ {c}": auroc(d[c].to_numpy(), v) for c in CONDITIONS for k, v in preds.items()}
     return out
 
 
