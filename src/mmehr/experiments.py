@@ -435,19 +435,17 @@ def _ablate(
 ) -> Path:
     todo = [(r, s) for s in grid.seeds for r in grid.runs if not only or r in only]
     picked = set(todo)
+    deps = {r: depends_on(grid, r) for r in grid.runs}
     missing = sorted(
         f"{d} seed {s}"
         for r, s in todo
-        for d in depends_on(grid, r)
+        for d in deps[r]
         if (d, s) not in picked and not is_complete(run_dir(out, d, s) / "train")
     )
     if missing:
         raise ValueError(f"the picked runs start from runs not picked and not trained yet: {missing}")
     # Runs that start from another run's model go second, when every run they name is done.
-    phases = [
-        [rs for rs in todo if not depends_on(grid, rs[0])],
-        [rs for rs in todo if depends_on(grid, rs[0])],
-    ]
+    phases = [[rs for rs in todo if not deps[rs[0]]], [rs for rs in todo if deps[rs[0]]]]
     t0, done = time.perf_counter(), 0
     if jobs <= 1:
         for i, (run, seed) in enumerate(phases[0] + phases[1], 1):
