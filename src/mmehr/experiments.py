@@ -57,6 +57,10 @@ class TableSpec:
     runs: list[str]
     task: str | None = None  # None: every task of the grid
 
+    def tasks(self, grid_tasks: list[str]) -> list[str]:
+        """The tasks this table is written (and plotted) for."""
+        return [self.task] if self.task else grid_tasks
+
 
 @dataclass
 class Grid:
@@ -252,7 +256,7 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
     specs = grid.tables or [TableSpec(title="All runs", runs=list(grid.runs))]
     full = results.filter(pl.col("variant") == "full")
     for spec in specs:
-        for task in [spec.task] if spec.task else grid.tasks:
+        for task in spec.tasks(grid.tasks):
             n_seeds = len(grid.seeds)
             note = f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "value [95% bootstrap CI]"
             parts.append(f"### {spec.title}: {task}\n\n{note}; the reference is the supervised logistic")
@@ -408,7 +412,7 @@ def write_tables(grid: Grid, out: Path) -> Path:
         results.write_parquet(tmp)
     md, records = tables_markdown(grid, results)
     for i, spec in enumerate(grid.tables):
-        for task in [spec.task] if spec.task else grid.tasks:  # one plot per table and task, as the tables
+        for task in spec.tasks(grid.tasks):  # one plot per table and task, as the tables
             png = plot_table(spec.title, task, spec.runs, results, out / "plots" / f"table{i + 1}_{task}.png")
             md += f"\n![{spec.title}: {task}](plots/{png.name})\n"
     comparisons = compare_runs(grid, out)
