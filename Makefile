@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study test lint format bench clean install
+.PHONY: demo study study-kl test lint format bench clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mmehr demo --out demo_out
 
-# The paper's Tables 1 and 2 on the demo cohort with 3 seeds (reuses `make demo`'s output; README: time).
+# The paper's tables on the demo cohort with 3 seeds (configs/grids/demo-study.yaml; README: times). Both
+# reuse `make demo`'s output and resume. `study`: Table 2 and Table 1's compression rows (none, mean,
+# latent k = 8, l = 1); `study-kl`: the rest of Table 1 (latent k in {8, 16} x l in {1, 2, 4}), after it.
+STUDY_RUNS = ehr_only ecg_patch cxr_patch notes_minilm notes_hash all_three notes_none notes_mean
 study: $(STAMP)
+	$(BIN)/mmehr demo --out demo_out --study --only $(STUDY_RUNS)
+
+study-kl: $(STAMP)
 	$(BIN)/mmehr demo --out demo_out --study
 
 test: $(STAMP)
