@@ -1,6 +1,7 @@
 """End to end: `mmehr demo --fast` runs every stage on real files, writes a report, and resumes."""
 
 import json
+import math
 import time
 
 import numpy as np
@@ -38,6 +39,17 @@ def test_demo_predictions_follow_the_meds_prediction_schema(fast_demo_out):
             k = n["counted_rollouts"].to_numpy()
             assert ((k >= 1) & (k <= 4)).all() and len(k) == len(p)
             np.testing.assert_allclose(p * k, np.round(p * k), atol=1e-5)
+
+
+def test_references_come_with_their_auroc_at_the_zero_shot_rollouts(fast_demo_out):
+    for task in TASKS:
+        evals = fast_demo_out / "experiments" / "runs" / "all_three" / "seed0" / "eval"
+        ref = json.loads((evals / task / "metrics.json").read_text())["reference"]
+        for name in ("ehr", "ehr+all"):
+            sampled = ref[name]["auroc_at_rollouts"]
+            if not math.isnan(ref[name]["metrics"]["auroc"]["value"]):  # both classes present
+                assert 0.0 <= sampled["value"] <= 1.0 and sampled["draws"] > 0
+    assert "matched, sampled like zero-shot" in (evals / "summary.md").read_text()
 
 
 def test_multimodal_run_trains_gates_and_ehr_only_has_none(fast_demo_out):

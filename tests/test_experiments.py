@@ -52,8 +52,12 @@ def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
             for metric in ("auroc", "auprc", "f1_macro", "f1_pos"):
                 rows.append((run, seed, "full", "icu_mortality", metric, v, v - 0.05, v + 0.05))
     rows.append(("mm", 0, "without_note", "icu_mortality", "auroc", 0.71, 0.66, 0.76))
+    for seed, sampled in enumerate((0.86, 0.88)):  # the reference, and sampled like the zero-shot
+        rows.append(("mm", seed, "reference", "icu_mortality", "auroc", 0.90, 0.85, 0.95))
+        rows.append(("mm", seed, "reference", "icu_mortality", "auroc_at_rollouts", sampled, None, None))
     md, records = tables_markdown(grid, _results(rows))
     assert "| mm | 0.820 ± 0.028 |" in md
+    assert "| 0.900 ± 0.000 | 0.870 ± 0.014 | n/a |" in md  # no zero-shot - reference rows given
     assert "| ehr | 0.710 ± 0.014 |" in md
     assert "Modality knock-out" in md and "without_note" in md
     rec = next(r for r in records if r["run"] == "mm" and r["metric"] == "auroc")

@@ -12,6 +12,7 @@ from mmehr.evaluate.metrics import (
     paired_auroc_difference,
     plot_task_curves,
     roc_curve,
+    sampled_auroc,
 )
 
 
@@ -88,3 +89,24 @@ def test_plot_writes_a_png(tmp_path, scored):
     y, p = scored
     out = plot_task_curves([("a", y, p), ("b", y, p[::-1])], "task", tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampled_auroc_is_what_rollouts_leave_of_a_known_probability():
+    rng = np.random.default_rng(1)
+    p = rng.beta(2, 5, 300)
+    y = rng.random(300) < p
+    exact = auroc(y, p)
+    many, twenty, one = (sampled_auroc(y, p, k, draws=50)["value"] for k in (5000, 20, 1))
+    assert many == pytest.approx(exact, abs=0.01)  # enough futures: the probability itself
+    assert one < twenty < exact  # fewer futures, noisier estimates, lower AUROC
+    assert exact - twenty > 0.01
+    # A certain outcome needs one future; samples with none counted are left out, not scored as 0.
+    certain = sampled_auroc(y, y.astype(float), np.where(np.arange(300) % 7, 3, 0))
+    assert certain["value"] == 1.0 and certain["sd"] == 0.0
+
+
+def test_sampled_auroc_draws_are_reproducible():
+    rng = np.random.default_rng(2)
+    p = rng.random(100)
+    y = rng.random(100) < p
+    assert sampled_auroc(y, p, 20) == sampled_auroc(y, p, 20)

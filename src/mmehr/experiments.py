@@ -189,7 +189,8 @@ def train_and_evaluate(
 def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, float]]]:
     """{variant: {metric: {value, lo, hi}}} of one task: "full", "without_<modality>" knock-outs, and
     the supervised references: "reference:<name>" and "reference" (the one that sees what the run sees),
-    whose "zero_shot_minus_reference" is the paired AUROC difference."""
+    whose "zero_shot_minus_reference" is the paired AUROC difference and "auroc_at_rollouts" its AUROC
+    with its probabilities sampled like the zero-shot ones (`metrics.sampled_auroc`)."""
     path = eval_dir / task / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: evaluation of {task} did not finish")
@@ -207,6 +208,8 @@ def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, flo
             **matched["metrics"],
             "zero_shot_minus_reference": matched["zero_shot_minus_reference"],
         }
+        if "auroc_at_rollouts" in matched:  # evaluations before it was recorded lack it
+            out["reference"]["auroc_at_rollouts"] = {"value": matched["auroc_at_rollouts"]["value"]}
     return out
 
 
@@ -260,11 +263,13 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
             n_seeds = len(grid.seeds)
             note = f"mean ± sd over {n_seeds} seeds" if n_seeds > 1 else "value [95% bootstrap CI]"
             parts.append(f"### {spec.title}: {task}\n\n{note}; the reference is the supervised logistic")
-            parts.append("regression that sees what the run sees, on the same samples (`mmehr evaluate`).\n")
+            parts.append("regression that sees what the run sees, on the same samples (`mmehr evaluate`);")
+            parts.append("sampled: its AUROC had its probabilities been estimated from as many rollouts.\n")
             parts.append(
-                "| run | AUROC | AUPRC | F1 (macro) | F1 (positive) | reference AUROC | zero-shot - reference |"
+                "| run | AUROC | AUPRC | F1 (macro) | F1 (positive) | reference AUROC | reference, sampled "
+                "| zero-shot - reference |"
             )
-            parts.append("|---|---|---|---|---|---|---|")
+            parts.append("|---|---|---|---|---|---|---|---|")
             for run in spec.runs:
                 cells = []
                 for metric in TABLE_METRICS:
@@ -289,6 +294,7 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
                     (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("variant") == "reference")
                 )
                 cells.append(_cell(ref.filter(pl.col("metric") == "auroc")))
+                cells.append(_cell(ref.filter(pl.col("metric") == "auroc_at_rollouts")))
                 cells.append(_cell(ref.filter(pl.col("metric") == "zero_shot_minus_reference"), signed=True))
                 parts.append(f"| {run} | " + " | ".join(cells) + " |")
             parts.append("")

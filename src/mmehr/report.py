@@ -158,7 +158,9 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             ref = r.get("reference") or {}
             if ref:
                 matched = ref[ref["matched"]]
-                cells += f" | {_fmt(matched['metrics']['auroc'])} ({ref['matched']})"
+                sampled = matched.get("auroc_at_rollouts")
+                at_rollouts = f"; sampled like zero-shot {sampled['value']:.3f}" if sampled else ""
+                cells += f" | {_fmt(matched['metrics']['auroc'])} ({ref['matched']}{at_rollouts})"
                 cells += f" | {_fmt_signed(matched['zero_shot_minus_reference'])}"
             else:
                 cells += " | — | —"
@@ -395,7 +397,9 @@ def build_report(root: str | Path, *, patient_pages: bool = True) -> Path:
         lines += ["## Zero-shot evaluation", ""]
         lines += [
             "Values are point estimates with 95% bootstrap CIs over subjects; F1 uses the threshold chosen on "
-            "the tuning split. 'AUROC - baseline' is the paired difference on the same samples.",
+            "the tuning split. 'AUROC - baseline' is the paired difference on the same samples. The reference "
+            "is the supervised one that sees what the run sees; 'sampled like zero-shot' is its AUROC had its "
+            "probabilities been estimated from as many sampled futures as the run's: what the rollouts alone cost.",
             "",
         ]
         lines += comparison(evals, root, plots)

@@ -212,6 +212,27 @@ def pooled_paired_auroc_difference(
     return {"value": mean_difference(np.arange(y.size)), "lo": float(lo), "hi": float(hi), "seeds": len(p_a)}
 
 
+def sampled_auroc(
+    y: np.ndarray, p: np.ndarray, rollouts: np.ndarray | int, *, draws: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """The AUROC that probabilities `p` get when each is estimated the way a zero-shot one is: as the share
+    of `rollouts` (per sample, or one count for all) sampled futures that reach the outcome, i.e. of
+    Bernoulli(p) draws. Mean and sd over `draws` repetitions. What a model whose outcome probabilities were
+    exactly p would score with these rollouts: the part of a gap to p's own AUROC that only more rollouts
+    close. Samples with no rollout are left out."""
+    y = np.asarray(y, dtype=bool)
+    p = np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    n = np.broadcast_to(np.asarray(rollouts, dtype=np.int64), y.shape)
+    keep = n > 0
+    y, p, n = y[keep], p[keep], n[keep]
+    rng = np.random.default_rng(seed)
+    values = np.array([auroc(y, rng.binomial(n, p) / n) for _ in range(draws)])
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return {"value": float("nan"), "sd": float("nan"), "draws": 0}
+    return {"value": float(values.mean()), "sd": float(values.std()), "draws": int(values.size)}
+
+
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at each distinct threshold, from (0,0) to (1,1)."""
     tps, fps = _counts_at_thresholds(y, p)

@@ -33,7 +33,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler, StandardScaler
 
 from mmehr.data.timelines import TimelineStore
-from mmehr.evaluate.metrics import auroc, bootstrap_metrics, choose_threshold, paired_auroc_difference
+from mmehr.evaluate.metrics import (
+    auroc,
+    bootstrap_metrics,
+    choose_threshold,
+    paired_auroc_difference,
+    sampled_auroc,
+)
 from mmehr.evaluate.tasks import TaskConfig, task_samples
 from mmehr.modalities.store import EmbeddingStore
 
@@ -215,8 +221,10 @@ def score_references(
     rollouts scored, with their zero-shot probabilities `zero_shot`). F1 uses a threshold chosen on the
     tuning samples when given (else 0.5).
 
-    Returns ({reference: {"metrics", "zero_shot_minus_reference"}, "matched": name} for metrics.json,
-    and a frame of the per-sample reference probabilities).
+    Returns ({reference: {"metrics", "zero_shot_minus_reference", "auroc_at_rollouts"}, "matched": name}
+    for metrics.json, and a frame of the per-sample reference probabilities). "auroc_at_rollouts" is the
+    reference's AUROC had its probabilities been estimated from as many sampled futures as each sample's
+    zero-shot probability was (`counted_rollouts` of the evaluated samples; `metrics.sampled_auroc`).
     """
     sets = {"evaluated": (evaluated_store, evaluated)}
     if tuning is not None and tuning[1].height:
@@ -237,6 +245,8 @@ def score_references(
                 y, zero_shot, q, groups=groups, n_boot=n_boot
             ),
         }
+        if "counted_rollouts" in evaluated.columns:
+            out[name]["auroc_at_rollouts"] = sampled_auroc(y, q, evaluated["counted_rollouts"].to_numpy())
     frame = evaluated.select("subject_id", "prediction_time", "boolean_value").with_columns(
         pl.Series(f"p_{name}", p["evaluated"]) for name, p in probabilities.items()
     )

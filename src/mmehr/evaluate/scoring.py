@@ -187,20 +187,25 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
             "",
             "Logistic regression on the same context (bag of codes; plus each modality's mean-pooled",
             "embeddings of the events before the prediction time), fit on the train split's task samples",
-            "and scored on these samples: how much signal the task holds. The last column is the paired",
-            "difference zero-shot minus the reference that sees what the model sees.",
+            "and scored on these samples: how much signal the task holds. `zero-shot - matched` is the",
+            "paired difference zero-shot minus the reference that sees what the model sees; the last",
+            "column is that reference's AUROC had its probabilities been estimated like the zero-shot ones,",
+            "from as many sampled futures per sample (mean ± sd over draws): what rollouts alone cost.",
             "",
             "| task | zero-shot | "
             + " | ".join(f"reference {n}" for n in names)
-            + " | zero-shot - matched |",
-            "|---|---|" + "---|" * len(names) + "---|",
+            + " | zero-shot - matched | matched, sampled like zero-shot |",
+            "|---|---|" + "---|" * len(names) + "---|---|",
         ]
         for name, ref in refs.items():
             cells = " | ".join(format_ci(ref[n]["metrics"], "auroc") if n in ref else "" for n in names)
-            d = ref[ref["matched"]]["zero_shot_minus_reference"]
+            matched = ref[ref["matched"]]
+            d = matched["zero_shot_minus_reference"]
+            sampled = matched.get("auroc_at_rollouts")
+            at_rollouts = f"{sampled['value']:.3f} ± {sampled['sd']:.3f}" if sampled else "n/a"
             lines.append(
                 f"| {name} | {format_ci(results[name]['metrics'], 'auroc')} | {cells} | "
-                f"{format_ci({'d': d}, 'd')} ({ref['matched']}) |"
+                f"{format_ci({'d': d}, 'd')} ({ref['matched']}) | {at_rollouts} |"
             )
     unfinished = [n for n, r in results.items() if r["stop_reasons"]["unfinished"] > UNFINISHED_WARNING]
     if unfinished:
