@@ -228,3 +228,25 @@ def test_estimate_flops_matches_counted_flops():
         m(torch.randint(1, V, (B, T)))
     assert counter.get_total_flops() == B * forward_flops(m, T)["decoder"]
     assert train_flops_per_token(m, T) == 3 * forward_flops(m, T)["decoder"] / T
+
+
+def test_attention_dropout_follows_dropout_unless_set_apart(monkeypatch):
+    from mmehr.model import decoder
+
+    seen: list[float] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, dropout_p: float = 0.0, **kwargs):
+        seen.append(dropout_p)
+        return real(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", spy)
+    x = torch.randn(2, 5, 16)
+    for attn_dropout, expected in ((None, 0.3), (0.0, 0.0), (0.1, 0.1)):
+        attention = decoder.CausalSelfAttention(tiny(dropout=0.3, attn_dropout=attn_dropout))
+        seen.clear()
+        attention.train()(x)
+        attention.eval()(x)
+        assert seen == [expected, 0.0]  # never at evaluation
+    with pytest.raises(ValueError, match="attn_dropout"):
+        tiny(attn_dropout=1.0)

@@ -293,7 +293,9 @@ def results_table(experiments: Path, grid: dict) -> str:
             if name not in ref:
                 return "n/a"
             sampled = ref[name].get("auroc_at_rollouts")
-            return _ci(ref[name]["metrics"]["auroc"]) + (f"; {sampled['value']:.3f}" if sampled else "")
+            if not sampled or sampled["value"] is None:  # older evaluation, or one class among the samples
+                return _ci(ref[name]["metrics"]["auroc"])
+            return f"{_ci(ref[name]['metrics']['auroc'])}; {sampled['value']:.3f}"
 
         pair = ("all_three", "ehr_only", task)
         d = next((c for c in comparisons if (c["a"], c["b"], c["task"]) == pair), None)

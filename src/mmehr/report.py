@@ -159,7 +159,11 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             if ref:
                 matched = ref[ref["matched"]]
                 sampled = matched.get("auroc_at_rollouts")
-                at_rollouts = f"; sampled like zero-shot {sampled['value']:.3f}" if sampled else ""
+                at_rollouts = (
+                    f"; sampled like zero-shot {sampled['value']:.3f}"
+                    if sampled and sampled["value"] is not None  # None: one class among the samples
+                    else ""
+                )
                 cells += f" | {_fmt(matched['metrics']['auroc'])} ({ref['matched']}{at_rollouts})"
                 cells += f" | {_fmt_signed(matched['zero_shot_minus_reference'])}"
             else:

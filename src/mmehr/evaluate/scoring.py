@@ -202,7 +202,11 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
             matched = ref[ref["matched"]]
             d = matched["zero_shot_minus_reference"]
             sampled = matched.get("auroc_at_rollouts")
-            at_rollouts = f"{sampled['value']:.3f} ± {sampled['sd']:.3f}" if sampled else "n/a"
+            at_rollouts = (
+                f"{sampled['value']:.3f} ± {sampled['sd']:.3f}"
+                if sampled and sampled["value"] is not None  # None: one class among the samples
+                else "n/a"
+            )
             lines.append(
                 f"| {name} | {format_ci(results[name]['metrics'], 'auroc')} | {cells} | "
                 f"{format_ci({'d': d}, 'd')} ({ref['matched']}) | {at_rollouts} |"

@@ -99,7 +99,7 @@ class MaskedCrossAttention(nn.Module):
         self.c_proj = nn.Linear(D, D, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.attn_dropout = config.attention_dropout
 
     def media_kv(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """media tokens (B, M, D) -> keys, values (B, nh, M, hs); computed once per sequence."""
@@ -112,7 +112,7 @@ class MaskedCrossAttention(nn.Module):
         q = self.q(self.ln(x)).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k, v = kv
         mask = mask.to(q.dtype) if mask.is_floating_point() else mask  # additive time bias under autocast
-        p = self.dropout if self.training else 0.0
+        p = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p)
         y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, D)))
         return torch.where(has_any[..., None], y, 0.0)
