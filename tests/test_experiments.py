@@ -214,3 +214,14 @@ def test_a_run_started_from_another_runs_model_gets_its_seeds_directory_and_wait
     grid_path.write_text("base: base.yaml\nruns:\n  warm: ['train.init_from={run:nope}']\n")
     with pytest.raises(ValueError, match=r"\{run:nope\}"):
         load_grid(grid_path)
+
+
+def test_the_last_running_job_evaluates_on_every_core_but_trains_on_its_share():
+    from mmehr.experiments import CoreShare
+
+    share = CoreShare(cores=4, jobs=2)
+    seen = {}
+    share.run(lambda: share.run(lambda: seen.setdefault("two running", share.eval_threads())))
+    share.run(lambda: seen.setdefault("one running", share.eval_threads()))
+    assert seen == {"two running": 2, "one running": 4}
+    assert share.train_threads == 2  # training never changes its thread count

@@ -234,13 +234,13 @@ def test_attention_dropout_follows_dropout_unless_set_apart(monkeypatch):
     from mmehr.model import decoder
 
     seen: list[float] = []
-    real = F.scaled_dot_product_attention
+    real = decoder.attention
 
-    def spy(*args, dropout_p: float = 0.0, **kwargs):
-        seen.append(dropout_p)
-        return real(*args, dropout_p=dropout_p, **kwargs)
+    def spy(q, k, v, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return real(q, k, v, **kwargs)
 
-    monkeypatch.setattr(decoder.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(decoder, "attention", spy)
     x = torch.randn(2, 5, 16)
     for attn_dropout, expected in ((None, 0.3), (0.0, 0.0), (0.1, 0.1)):
         attention = decoder.CausalSelfAttention(tiny(dropout=0.3, attn_dropout=attn_dropout))
@@ -250,3 +250,41 @@ def test_attention_dropout_follows_dropout_unless_set_apart(monkeypatch):
         assert seen == [expected, 0.0]  # never at evaluation
     with pytest.raises(ValueError, match="attn_dropout"):
         tiny(attn_dropout=1.0)
+
+
+def test_cpu_dropout_is_inverted_dropout_with_its_rate():
+    from mmehr.model.decoder import Dropout, dropout
+
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.005  # the rate
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))  # survivors scaled by 1/(1-p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the same mask
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert Dropout(0.3).eval()(x) is x
+
+
+def test_attention_with_dropout_is_sdpa_in_expectation_and_stays_causal():
+    from mmehr.model.decoder import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention(q, k, v, is_causal=True), exact)
+    mean = torch.stack([attention(q, k, v, is_causal=True, dropout_p=0.3) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, exact, atol=0.05, rtol=0)
+    mask = torch.rand(1, 1, 6, 6) < 0.6  # an attention mask (each row keeps its first key)
+    mask[..., 0] = True
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    mean = torch.stack([attention(q, k, v, attn_mask=mask, dropout_p=0.3) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, exact, atol=0.05, rtol=0)
+    # Position t never sees a later token: changing the last key and value leaves earlier outputs as they were.
+    k2, v2 = k.clone(), v.clone()
+    k2[..., -1, :], v2[..., -1, :] = 10.0, -10.0
+    torch.manual_seed(1)
+    a = attention(q, k, v, is_causal=True, dropout_p=0.3)
+    torch.manual_seed(1)
+    b = attention(q, k2, v2, is_causal=True, dropout_p=0.3)
+    torch.testing.assert_close(a[..., :-1, :], b[..., :-1, :])

@@ -646,3 +646,22 @@ def test_mortality_labels_agree_with_aces(task, timelines, request, mimic_demo_r
     assert both.height == {"icu_mortality": 140, "hospital_mortality": 275}[task]
     assert (both["aces"] == both["boolean_value"]).all()
     assert aces.__name__ == "aces"
+
+
+def test_rollouts_do_not_depend_on_the_thread_count():
+    # A grid evaluates a run on however many cores are free when its evaluation starts (CoreShare).
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=V, n_layer=2, n_head=4, n_embd=128, block_size=64)).eval()
+    batch = contexts(lengths=tuple(range(5, 45)))
+    s = SamplerSettings(n_rollouts=20, max_new_tokens=20)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            gen = torch.Generator().manual_seed(0)
+            out.append(sample_rollouts(m, batch, rules(), s, trace=True, generator=gen))
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
+    np.testing.assert_array_equal(out[0].reason, out[1].reason)

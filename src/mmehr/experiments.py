@@ -36,7 +36,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +147,44 @@ def run_dir(out: Path, run: str, seed: int) -> Path:
     return out / "runs" / run / f"seed{seed}"
 
 
+class CoreShare:
+    """The cores a grid's parallel jobs share. Training always gets cores // jobs threads: a run trained on
+    another thread count is another run (the floating-point sums differ). An evaluation gets the cores //
+    (jobs running when it starts): the last job evaluates on all the cores; sampled rollouts do not depend
+    on the thread count (tests/test_rollout.py: the same rollouts on 1 and 2 threads)."""
+
+    def __init__(self, cores: int, jobs: int):
+        self.cores, self.train_threads = cores, max(1, cores // jobs)
+        self._running, self._lock = 0, threading.Lock()
+
+    def run(self, job: Callable[[], Path]) -> Path:
+        with self._lock:
+            self._running += 1
+        try:
+            return job()
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def eval_threads(self) -> int:
+        with self._lock:
+            return max(1, self.cores // max(1, self._running))
+
+
 def train_and_evaluate(
-    grid: Grid, base: Path, out: Path, run: str, seed: int, *, threads: int | None = None, quiet: bool = False
+    grid: Grid,
+    base: Path,
+    out: Path,
+    run: str,
+    seed: int,
+    *,
+    threads: int | None = None,
+    eval_threads: Callable[[], int] | None = None,
+    quiet: bool = False,
 ) -> Path:
     """Train and evaluate one (run, seed) unless its outputs are complete; returns its directory. `quiet`
-    sends the stages' output to <run>/seed<k>/log.txt (parallel jobs)."""
+    sends the stages' output to <run>/seed<k>/log.txt (parallel jobs). `threads`: torch threads of both
+    stages; `eval_threads`, when given, says the evaluation's as it starts."""
     d = run_dir(out, run, seed)
     log = d / "log.txt" if quiet else None
     extra = ["--no-progress"] if quiet else []
@@ -182,6 +217,7 @@ def train_and_evaluate(
             args += ["--max-samples", str(grid.max_samples)]
         if run in grid.knockout:
             args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
+        threads = eval_threads() if eval_threads else threads
         run_stage(*args, *grid.evaluate_args, "--out", str(eval_dir), *extra, threads=threads, log=log)
     return d
 
@@ -431,7 +467,7 @@ def write_tables(grid: Grid, out: Path) -> Path:
 
 def ablate(grid_path: str | Path, out: str | Path, only: list[str] | None = None, jobs: int = 1) -> Path:
     """Train and evaluate every (run, seed) of the grid (resuming finished ones), then write the tables.
-    With jobs > 1, that many pairs run at once, each with cores // jobs torch threads."""
+    With jobs > 1, that many pairs run at once, each with cores // jobs torch threads (`CoreShare`)."""
     grid, base = load_grid(grid_path)
     out = Path(out)
     check_output(out, "ablate", inputs=[grid_path, base])
@@ -463,22 +499,30 @@ def _ablate(
             train_and_evaluate(grid, base, out, run, seed)
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // jobs)
+        share = CoreShare(cores, jobs)
         print(
-            f"[ablate] {len(todo)} runs, {jobs} at a time with {threads} thread(s) each; logs in runs/*/seed*/log.txt",
+            f"[ablate] {len(todo)} runs, {jobs} at a time with {share.train_threads} thread(s) each (an "
+            "evaluation that starts with fewer jobs running gets their cores); logs in runs/*/seed*/log.txt",
             flush=True,
         )
+
+        def job(run: str, seed: int) -> Path:
+            return share.run(
+                lambda: train_and_evaluate(
+                    grid,
+                    base,
+                    out,
+                    run,
+                    seed,
+                    threads=share.train_threads,
+                    eval_threads=share.eval_threads,
+                    quiet=True,
+                )
+            )
+
         for phase in phases:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = {
-                    pool.submit(
-                        train_and_evaluate, grid, base, out, run, seed, threads=threads, quiet=True
-                    ): (
-                        run,
-                        seed,
-                    )
-                    for run, seed in phase
-                }
+                futures = {pool.submit(job, run, seed): (run, seed) for run, seed in phase}
                 for future in as_completed(futures):
                     run, seed = futures[future]
                     future.result()  # a failed run stops the grid with its error (and names its log)

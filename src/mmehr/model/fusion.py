@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmehr.batch import ModalityInputs
 from mmehr.model.compression import build_compressor
 from mmehr.model.config import DecoderConfig, FusionConfig
-from mmehr.model.decoder import MLP
+from mmehr.model.decoder import MLP, Dropout, attention
 
 
 @dataclass
@@ -97,7 +96,7 @@ class MaskedCrossAttention(nn.Module):
         self.q = nn.Linear(D, D, bias=config.bias)
         self.kv = nn.Linear(D, 2 * D, bias=config.bias)
         self.c_proj = nn.Linear(D, D, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.n_head = config.n_head
         self.attn_dropout = config.attention_dropout
 
@@ -113,7 +112,7 @@ class MaskedCrossAttention(nn.Module):
         k, v = kv
         mask = mask.to(q.dtype) if mask.is_floating_point() else mask  # additive time bias under autocast
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p)
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=p)
         y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, D)))
         return torch.where(has_any[..., None], y, 0.0)
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mmehr.batch import ModalityInputs
 from mmehr.model.config import ModelConfig
-from mmehr.model.decoder import Block, KVCache, kept_on_slide, next_token_loss
+from mmehr.model.decoder import Block, Dropout, KVCache, kept_on_slide, next_token_loss
 from mmehr.model.fusion import CrossContext, Fusion, GatedCrossAttentionBlock, Media
 
 
@@ -40,7 +40,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
