@@ -17,6 +17,8 @@ loader). Figures per case:
   time, as a fraction of a square fp32 matmul's FLOP/s measured just before and after that step in the
   same process (the median over steps of these paired ratios: the machine's load changes by the second);
   the model's analytic estimate (`batch_train_flops`, what `mmehr train` reports) is shown beside it.
+The cases `<run>:<variant>` (`DROPOUT_CASES`) time the demo's dropout drawn other ways, or none;
+`step_vs_demo_dropout` is each step's time over the same run's with the demo's dropout (mmehr's draws).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"ecg": 312, "cxr": 197, "note": 512}  # encoder tokens per event; d_enc 768 for all three
 D_ENC, EVENTS = 768, 12
 CASES = ["ehr_only", "ecg", "cxr", "note", "all_three"]
+# The demo's dropout (0.3, attention probabilities included) drawn three ways, and none at all: "torch"
+# is torch's own dropout (bernoulli_ masks, SDPA's math path), the default mmehr's (`decoder.dropout`,
+# `decoder.attention`); "no-attn" drops all but the attention probabilities (`model.attn_dropout=0`).
+DROPOUT_CASES = [f"{m}:{v}" for v in ("none", "torch") for m in ("ehr_only", "all_three")] + [
+    "ehr_only:no-attn"
+]
 
 
 def prepare(work: Path, quick: bool) -> dict[str, str]:
@@ -81,6 +89,16 @@ def prepare(work: Path, quick: bool) -> dict[str, str]:
     return paths
 
 
+def use_torch_dropout() -> None:
+    """mmehr's dropout and attention replaced by torch's own (what mmehr did before drawing its masks)."""
+    import torch.nn.functional as F
+
+    from mmehr.model import decoder, fusion
+
+    decoder.dropout = lambda x, p, training: F.dropout(x, p, training)
+    decoder.attention = fusion.attention = F.scaled_dot_product_attention
+
+
 def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,8 +107,12 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
     from mmehr.runconfig import resolve_config
     from mmehr.train import Trainer
 
+    case, _, variant = case.partition(":")
+    if variant == "torch":
+        use_torch_dropout()
     raw = load_yaml(ROOT / "configs" / "demo.yaml")
     overrides = [f"data.timelines={paths['timelines']}", f"run.threads={THREADS}", "data.workers=0"]
+    overrides += {"none": ["model.dropout=0.0"], "no-attn": ["model.attn_dropout=0.0"]}.get(variant, [])
     wanted = list(SHAPES) if case == "all_three" else [] if case == "ehr_only" else [case]
     for name in SHAPES:
         overrides += [f"data.modalities.{name}.store={paths[name]}", f"data.modalities.{name}.enabled={name in wanted}",
@@ -166,11 +188,15 @@ def run(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mmehr-bench-train-") as tmp:
         paths = prepare(Path(tmp), quick)
         rows = run_cases_in_subprocesses(
-            __file__, tqdm(CASES, desc="bench_train cases"), [json.dumps(paths), str(quick)], THREADS
+            __file__,
+            tqdm(CASES + DROPOUT_CASES, desc="bench_train cases"),
+            [json.dumps(paths), str(quick)],
+            THREADS,
         )
-    base = rows[0]["step_s"]
+    step = {r["case"]: r["step_s"] for r in rows}
     for r in rows:
-        r["step_vs_ehr_only"] = r["step_s"] / base
+        r["step_vs_ehr_only"] = r["step_s"] / step["ehr_only"]
+        r["step_vs_demo_dropout"] = r["step_s"] / step[r["case"].partition(":")[0]]
     worst_loader = min(r["loader_x_faster"] for r in rows)
     worst_flops = min(r["fraction_of_matmul"] for r in rows)
     rows.append(

@@ -161,7 +161,8 @@ def demo(
     t0 = time.perf_counter()
     # The demo's two runs train side by side like the study's (one torch thread each on 2 cores): a seed-0
     # run is then the same run whether the demo or the study trained it, and the demo is no slower
-    # (17.5 min on a clean clone against 18 min for the two runs one after the other on 2 threads).
+    # (without dropout: 17.5 min on a clean clone against 18 min for the two runs one after the other on 2
+    # threads). The last run to finish evaluates on both cores (experiments.CoreShare).
     jobs = ["--jobs", "2"]
     picked = ["--only", *only] if only else []
     run_stage("ablate", "--grid", str(grid_path), "--out", str(experiments), *jobs, *picked)
