@@ -130,9 +130,10 @@ class DecoderConfig:
 
     `dropout` drops embeddings, residual branches and MLP outputs, and, unless `attn_dropout` says
     otherwise, the attention probabilities (GPT-2's embd/resid/attn_pdrop, all ETHOS's 0.3). On a CPU the
-    attention-probability dropout is most of dropout's cost (no fused attention kernel takes it: at the
-    demo's size a training step takes 1.5-1.7x as long as without dropout, 1.12x with `attn_dropout: 0`),
-    but the demo keeps it: without it, EHR-only lost 0.07-0.10 AUROC on two of three tasks (README).
+    attention-probability dropout is most of dropout's cost (no fused attention kernel takes it): at the
+    demo's size an EHR-only step takes 1.29x as long as without dropout, 1.01x with `attn_dropout: 0`
+    (`benchmarks/bench_train.py`), but the demo keeps it: without it, EHR-only lost 0.07-0.10 AUROC on
+    two of three tasks (README).
     """
 
     vocab_size: int = 4096
