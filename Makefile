@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/mmehr demo --out demo_out
 
 # The paper's tables on the demo cohort with 3 seeds (configs/grids/demo-study.yaml; README: times). Both
-# reuse `make demo`'s output and resume; on 2 cores each table takes about 2 hours. `study`: Table 2
+# reuse `make demo`'s output and resume; on 2 cores about 1 h 50 min and 2 h 20 min (README). `study`: Table 2
 # (modalities and encoders); `study-table1`: Table 1 (compression: none, mean, latent k x l).
 TABLE2_RUNS = ehr_only ecg_patch cxr_patch notes_minilm notes_hash all_three
 TABLE1_RUNS = notes_none notes_mean notes_minilm notes_k8_l2 notes_k8_l4 notes_k16_l1 notes_k16_l2 notes_k16_l4
