@@ -11,6 +11,7 @@ from mmehr.evaluate.metrics import (
     f1_scores,
     paired_auroc_difference,
     plot_task_curves,
+    recorded_sampled_auroc,
     roc_curve,
     sampled_auroc,
 )
@@ -110,3 +111,11 @@ def test_sampled_auroc_draws_are_reproducible():
     p = rng.random(100)
     y = rng.random(100) < p
     assert sampled_auroc(y, p, 20) == sampled_auroc(y, p, 20)
+
+
+def test_recorded_sampled_auroc_is_none_where_there_is_nothing_to_show():
+    recorded = {"auroc_at_rollouts": {"value": 0.81, "sd": 0.01, "draws": 200}}
+    assert recorded_sampled_auroc(recorded) == recorded["auroc_at_rollouts"]
+    assert recorded_sampled_auroc({"metrics": {}}) is None  # an evaluation from before it was recorded
+    for one_class in (None, float("nan")):  # as metrics.json reads back, and as computed
+        assert recorded_sampled_auroc({"auroc_at_rollouts": {"value": one_class, "sd": None}}) is None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from mmehr.evaluate.metrics import recorded_sampled_auroc
 from mmehr.experiments import run_stage
 from mmehr.io import check_output, is_complete, mark_output, write_json
 
@@ -293,8 +294,8 @@ def results_table(experiments: Path, grid: dict) -> str:
         def reference(name: str, ref: dict = ref) -> str:
             if name not in ref:
                 return "n/a"
-            sampled = ref[name].get("auroc_at_rollouts")
-            if not sampled or sampled["value"] is None:  # older evaluation, or one class among the samples
+            sampled = recorded_sampled_auroc(ref[name])
+            if not sampled:
                 return _ci(ref[name]["metrics"]["auroc"])
             return f"{_ci(ref[name]['metrics']['auroc'])}; {sampled['value']:.3f}"
 

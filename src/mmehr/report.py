@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves
+from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves, recorded_sampled_auroc
 from mmehr.io import atomic_path, is_complete
 
 COLUMNS = ("auroc", "auprc", "f1_macro", "f1_pos", "brier")
@@ -158,12 +158,8 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             ref = r.get("reference") or {}
             if ref:
                 matched = ref[ref["matched"]]
-                sampled = matched.get("auroc_at_rollouts")
-                at_rollouts = (
-                    f"; sampled like zero-shot {sampled['value']:.3f}"
-                    if sampled and sampled["value"] is not None  # None: one class among the samples
-                    else ""
-                )
+                sampled = recorded_sampled_auroc(matched)
+                at_rollouts = f"; sampled like zero-shot {sampled['value']:.3f}" if sampled else ""
                 cells += f" | {_fmt(matched['metrics']['auroc'])} ({ref['matched']}{at_rollouts})"
                 cells += f" | {_fmt_signed(matched['zero_shot_minus_reference'])}"
             else:

@@ -233,6 +233,15 @@ def sampled_auroc(
     return {"value": float(values.mean()), "sd": float(values.std()), "draws": int(values.size)}
 
 
+def recorded_sampled_auroc(reference: dict) -> dict | None:
+    """A reference's `sampled_auroc` as metrics.json records it (`auroc_at_rollouts`), or None where there
+    is none to show: an evaluation from before it was recorded, or one class among the samples."""
+    sampled = reference.get("auroc_at_rollouts")
+    if not sampled or sampled.get("value") is None or np.isnan(sampled["value"]):
+        return None
+    return sampled
+
+
 def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at each distinct threshold, from (0,0) to (1,1)."""
     tps, fps = _counts_at_thresholds(y, p)

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 from mmehr.data.timelines import TimelineStore
-from mmehr.evaluate.metrics import bootstrap_metrics
+from mmehr.evaluate.metrics import bootstrap_metrics, recorded_sampled_auroc
 from mmehr.evaluate.sampler import STOP_REASONS, UNFINISHED_WARNING
 from mmehr.io import read_json
 from mmehr.units import DAY_US
@@ -201,12 +201,8 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
             cells = " | ".join(format_ci(ref[n]["metrics"], "auroc") if n in ref else "" for n in names)
             matched = ref[ref["matched"]]
             d = matched["zero_shot_minus_reference"]
-            sampled = matched.get("auroc_at_rollouts")
-            at_rollouts = (
-                f"{sampled['value']:.3f} ± {sampled['sd']:.3f}"
-                if sampled and sampled["value"] is not None  # None: one class among the samples
-                else "n/a"
-            )
+            sampled = recorded_sampled_auroc(matched)
+            at_rollouts = f"{sampled['value']:.3f} ± {sampled['sd']:.3f}" if sampled else "n/a"
             lines.append(
                 f"| {name} | {format_ci(results[name]['metrics'], 'auroc')} | {cells} | "
                 f"{format_ci({'d': d}, 'd')} ({ref['matched']}) | {at_rollouts} |"
