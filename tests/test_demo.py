@@ -75,3 +75,29 @@ def test_only_picks_study_runs_and_needs_study(tmp_path):
     with pytest.raises(ValueError, match="--only picks runs of the study grid"):
         demo(tmp_path / "out", fast=True, only=["ehr_only"])
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_study_commands_cover_both_tables_between_them():
+    """`make study`, `make study-table1` and `make study-table1-depth` each train a part of the study grid
+    (to stay under 2 hours); between them every run of its tables, each once."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    grid = yaml.safe_load((root / "configs/grids/demo-study.yaml").read_text())
+    makefile = (root / "Makefile").read_text()
+    parts = dict(re.findall(r"^(TABLE\w*_RUNS) = (.+)$", makefile, flags=re.M))
+    assert set(parts) == {"TABLE2_RUNS", "TABLE1_RUNS", "TABLE1_DEPTH_RUNS"}
+    targets = {
+        "study": "TABLE2_RUNS",
+        "study-table1": "TABLE1_RUNS",
+        "study-table1-depth": "TABLE1_DEPTH_RUNS",
+    }
+    for target, variable in targets.items():
+        assert re.search(rf"^{target}: .*\n\t.*--study --only \$\({variable}\)$", makefile, flags=re.M)
+    picked = [run for runs in parts.values() for run in runs.split()]
+    assert len(picked) == len(set(picked))  # no run in two commands
+    assert set(picked) == {run for table in grid["tables"] for run in table["runs"]}
+    assert set(picked) <= set(grid["runs"])
