@@ -133,7 +133,7 @@ class DecoderConfig:
     attention-probability dropout is most of dropout's cost (no fused attention kernel takes it): at the
     demo's size an EHR-only step takes 1.29x as long as without dropout, 1.01x with `attn_dropout: 0`
     (`benchmarks/bench_train.py`), but the demo keeps it: without it, EHR-only lost 0.07-0.10 AUROC on
-    two of three tasks (README).
+    two of three tasks (docs/experiments.md).
     """
 
     vocab_size: int = 4096
