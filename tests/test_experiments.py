@@ -69,6 +69,27 @@ def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
     assert "| mm | 0.800 [0.750, 0.850] |" in md
 
 
+def test_a_table_plot_shows_each_run_beside_its_reference(tmp_path):
+    from mmehr.experiments import plot_table, table_points
+
+    rows = [
+        ("ehr", s, "full", "icu_mortality", "auroc", v, v - 0.05, v + 0.05) for s, v in ((0, 0.70), (1, 0.74))
+    ]
+    rows += [("mm", 0, "full", "icu_mortality", "auroc", 0.80, 0.75, 0.85)]
+    for seed, (ref, sampled) in enumerate(((0.79, 0.76), (0.81, float("nan")))):  # NaN: one class
+        rows.append(("ehr", seed, "reference", "icu_mortality", "auroc", ref, None, None))
+        rows.append(("ehr", seed, "reference", "icu_mortality", "auroc_at_rollouts", sampled, None, None))
+    points = table_points("icu_mortality", ["ehr", "mm", "never_ran"], _results(rows))
+    assert set(points) == {"ehr", "mm"}
+    assert points["ehr"]["values"] == [0.70, 0.74]
+    assert points["ehr"]["reference"] == pytest.approx(0.80) and points["ehr"]["sampled"] == pytest.approx(
+        0.76
+    )
+    assert points["mm"]["reference"] is None and points["mm"]["sampled"] is None  # an older evaluation
+    png = plot_table("T", "icu_mortality", ["ehr", "mm"], _results(rows), tmp_path / "t.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_table_without_a_task_is_written_and_plotted_for_every_task(tmp_path, monkeypatch):
     from mmehr import experiments
 
