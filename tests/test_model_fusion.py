@@ -317,6 +317,28 @@ def test_modality_dropout_drops_events_only_at_train_time():
     assert 0.43 < kept < 0.57
 
 
+def test_fusion_dropout_follows_the_decoder_unless_set_apart():
+    def rates(cfg: ModelConfig) -> tuple[float, float, float]:
+        block = GatedCrossAttentionBlock(cfg, cfg.fusion)
+        return block.attn.resid_dropout.p, block.attn.attn_dropout, block.ff.dropout.p
+
+    decoder = {"dropout": 0.3, "attn_dropout": 0.1}
+    assert rates(dataclasses.replace(config(), **decoder)) == (0.3, 0.1, 0.3)  # the decoder's rates
+    for own in (0.0, 0.2):
+        assert rates(dataclasses.replace(config(dropout=own), **decoder)) == (own, own, own)
+    torch.manual_seed(0)
+    x, media = torch.randn(2, 5, D), torch.randn(2, 3, D)
+    mask, has_any = torch.ones(2, 1, 5, 3, dtype=torch.bool), torch.ones(2, 5, dtype=torch.bool)
+    for own, deterministic in ((0.0, True), (None, False)):  # training, under the decoder's dropout 0.3
+        cfg = dataclasses.replace(config(dropout=own), dropout=0.3)
+        block = GatedCrossAttentionBlock(cfg, cfg.fusion).train()
+        kv = block.attn.media_kv(media)
+        a, b = (block(x, kv, mask=mask, has_any=has_any) for _ in range(2))
+        assert torch.equal(a, b) == deterministic
+    with pytest.raises(ValueError, match="fusion dropout"):
+        FusionConfig(dropout=1.0)
+
+
 def test_time_bias_keeps_the_strict_mask():
     m = model(time_bias=True)
     torch.nn.init.normal_(m.fusion.time_bias.table, std=1.0)

@@ -83,6 +83,8 @@ class FusionConfig:
     scalars. lr_scale: learning-rate multiplier of everything else the fusion adds to the decoder
     (compressors, cross-attention blocks, modality embeddings, time bias); a finetuned encoder keeps its
     finetune_lr_scale. modality_dropout: at train time, drop each available event with this probability.
+    dropout: the cross-attention blocks' dropout (attention probabilities, residual updates, feed-forward);
+    None: the decoder's (`dropout`, and `attn_dropout` for the attention probabilities).
     modality_embedding: add a learned vector per modality to its compressed tokens. time_bias: a learned
     per-head cross-attention bias on log-spaced buckets of an event's age at each query token.
     """
@@ -95,6 +97,7 @@ class FusionConfig:
     gate_lr_scale: float = 30.0
     lr_scale: float = 1.0
     modality_dropout: float = 0.0
+    dropout: float | None = None
     modality_embedding: bool = True
     time_bias: bool = False
 
@@ -112,6 +115,8 @@ class FusionConfig:
             )
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"fusion dropout must be in [0, 1) or null, got {self.dropout}")
 
     def finetuned(self) -> list[str]:
         """The modalities whose encoder runs inside the model (finetune other than `frozen`)."""

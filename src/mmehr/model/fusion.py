@@ -87,18 +87,19 @@ class MaskedCrossAttention(nn.Module):
     """Queries LN(x) (B, T, D) attend to media keys/values (B, nh, M, hs) under mask (B, 1|nh, T, M).
 
     Rows whose has_any (B, T) is False get an exactly zero output, bias of the projection included.
+    resid_dropout / attn_dropout: the rates of the output's and the attention probabilities' dropout.
     """
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, resid_dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         D = config.n_embd
         self.ln = nn.LayerNorm(D, bias=config.bias)
         self.q = nn.Linear(D, D, bias=config.bias)
         self.kv = nn.Linear(D, 2 * D, bias=config.bias)
         self.c_proj = nn.Linear(D, D, bias=config.bias)
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = Dropout(resid_dropout)
         self.n_head = config.n_head
-        self.attn_dropout = config.attention_dropout
+        self.attn_dropout = attn_dropout
 
     def media_kv(self, media: Tensor) -> tuple[Tensor, Tensor]:
         """media tokens (B, M, D) -> keys, values (B, nh, M, hs); computed once per sequence."""
@@ -127,9 +128,11 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def __init__(self, config: DecoderConfig, fusion: FusionConfig):
         super().__init__()
-        self.attn = MaskedCrossAttention(config)
+        own = fusion.dropout  # None: the decoder's
+        p, p_attn = (config.dropout, config.attention_dropout) if own is None else (own, own)
+        self.attn = MaskedCrossAttention(config, resid_dropout=p, attn_dropout=p_attn)
         self.ln_ff = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.ff = MLP(config.n_embd, fusion.xattn_ff_mult, config.bias, config.dropout)
+        self.ff = MLP(config.n_embd, fusion.xattn_ff_mult, config.bias, p)
         self.gate_fn = torch.sigmoid if fusion.gate == "sigmoid" else torch.tanh
         init = fusion.gate_init if fusion.gate == "sigmoid" else 0.0
         self.gate = nn.Parameter(torch.full((2,), float(init)))
