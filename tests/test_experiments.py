@@ -246,3 +246,24 @@ def test_the_last_running_job_evaluates_on_every_core_but_trains_on_its_share():
     share.run(lambda: seen.setdefault("one running", share.eval_threads()))
     assert seen == {"two running": 2, "one running": 4}
     assert share.train_threads == 2  # training never changes its thread count
+
+
+@pytest.mark.parametrize(
+    "grid_path", sorted((Path(__file__).resolve().parents[1] / "configs" / "grids").glob("*.yaml")), ids=str
+)
+def test_every_committed_grid_loads_and_each_run_names_real_config_keys(grid_path):
+    """A grid's overrides are applied only when a run starts (maybe an hour in): a misspelt key must fail
+    here instead. Paths and the encoders' widths, filled from the data at run time, are stand-ins."""
+    from mmehr.config import apply_overrides, from_dict, load_yaml
+    from mmehr.experiments import RUN_REF
+    from mmehr.runconfig import TrainConfig
+
+    grid, base = load_grid(grid_path)
+    for run, overrides in grid.runs.items():
+        raw = load_yaml(base)
+        apply_overrides(
+            raw, [RUN_REF.sub("runs/x", o).replace("{out}", "out") for o in [*grid.set, *overrides]]
+        )
+        for modality in raw.get("model", {}).get("fusion", {}).get("modalities", {}).values():
+            modality.setdefault("d_enc", 8)
+        from_dict(TrainConfig, raw, where=f"{grid_path.name}: {run}")
