@@ -173,6 +173,41 @@ def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):
     assert 0 < record["lo"] < record["value"] < record["hi"]
     assert "(CI above 0)" in comparisons_markdown([record])
 
+    # benchmarks/compare_runs.py: the same difference between runs of different grids' directories
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.move(tmp_path / "runs" / "better", tmp_path / "other_grid_better")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
+    args = [
+        sys.executable,
+        str(script),
+        str(tmp_path / "other_grid_better"),
+        str(tmp_path / "runs" / "worse"),
+    ]
+    out = subprocess.run(
+        [*args, "--seeds", "0", "1", "--task", "t"], capture_output=True, text=True, check=True
+    )
+    expected = f"{record['value']:+.3f} [{record['lo']:+.3f}, {record['hi']:+.3f}]"
+    assert f"| other_grid_better | worse | t | 2 | {expected} |" in out.stdout
+
+    # runs scored on other samples are refused, not compared
+    from mmehr.experiments import paired_difference
+
+    shifted = tmp_path / "shifted" / "t"
+    shifted.mkdir(parents=True)
+    pl.read_parquet(
+        tmp_path / "runs" / "worse" / "seed1" / "eval" / "t" / "predictions.parquet"
+    ).with_columns(pl.col("subject_id") + 1000).write_parquet(shifted / "predictions.parquet")
+    evals = [
+        (tmp_path / "other_grid_better" / "seed0" / "eval", tmp_path / "runs" / "worse" / "seed0" / "eval")
+    ]
+    with pytest.raises(ValueError, match="other samples"):
+        paired_difference(
+            [*evals, (tmp_path / "other_grid_better" / "seed1" / "eval", tmp_path / "shifted")], "t"
+        )
+
 
 def test_an_interrupted_training_run_is_resumed_not_refused(tmp_path, monkeypatch):
     """A grid rerun after a kill continues the run's own half-written training (`--resume`: from its

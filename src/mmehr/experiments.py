@@ -366,34 +366,41 @@ def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
     )
 
 
+def paired_difference(evals: list[tuple[Path, Path]], task: str) -> dict | None:
+    """AUROC(a) - AUROC(b) on the same samples for evaluation directories (a, b), one pair per seed: the
+    mean over the pairs both of whose evaluations finished, with the seed-pooled subject-bootstrap CI
+    ("seeds": how many pairs). None when no pair has both. Every pair must have scored the same samples."""
+    ys, pa, pb, groups, keys = None, [], [], None, None
+    for eval_a, eval_b in evals:
+        da, db = _predictions(eval_a, task), _predictions(eval_b, task)
+        if da is None or db is None:
+            continue
+        j = da.join(db.drop("boolean_value"), on=["subject_id", "prediction_time"], suffix="_b")
+        j = j.sort("subject_id", "prediction_time")
+        if ys is None:
+            ys, groups, keys = (
+                j["boolean_value"].to_numpy(),
+                j["subject_id"].to_numpy(),
+                j.select("subject_id", "prediction_time"),
+            )
+        elif not j.select("subject_id", "prediction_time").equals(keys):
+            raise ValueError(
+                f"{eval_a} and {eval_b} ({task}) were evaluated on other samples than {evals[0][0]}"
+            )
+        pa.append(j["p"].to_numpy())
+        pb.append(j["p_b"].to_numpy())
+    return pooled_paired_auroc_difference(ys, pa, pb, groups=groups) if pa else None
+
+
 def compare_runs(grid: Grid, out: Path) -> list[dict]:
     """Per compare pair and task: AUROC(a) - AUROC(b) on the same samples, mean over the seeds both
     finished, with the seed-pooled subject-bootstrap CI."""
     records = []
     for a, b in grid.compare:
+        evals = [(run_dir(out, a, seed) / "eval", run_dir(out, b, seed) / "eval") for seed in grid.seeds]
         for task in grid.tasks:
-            ys, pa, pb, groups = None, [], [], None
-            for seed in grid.seeds:
-                da = _predictions(run_dir(out, a, seed) / "eval", task)
-                db = _predictions(run_dir(out, b, seed) / "eval", task)
-                if da is None or db is None:
-                    continue
-                j = da.join(db.drop("boolean_value"), on=["subject_id", "prediction_time"], suffix="_b")
-                j = j.sort("subject_id", "prediction_time")
-                if ys is None:
-                    ys, groups, keys = (
-                        j["boolean_value"].to_numpy(),
-                        j["subject_id"].to_numpy(),
-                        j.select("subject_id", "prediction_time"),
-                    )
-                elif not j.select("subject_id", "prediction_time").equals(keys):
-                    raise ValueError(
-                        f"{a} and {b} seed {seed} ({task}) were evaluated on other samples than seed {grid.seeds[0]}"
-                    )
-                pa.append(j["p"].to_numpy())
-                pb.append(j["p_b"].to_numpy())
-            if pa:
-                d = pooled_paired_auroc_difference(ys, pa, pb, groups=groups)
+            d = paired_difference(evals, task)
+            if d is not None:
                 records.append({"a": a, "b": b, "task": task, **d})
     return records
 
