@@ -70,7 +70,7 @@ def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
 
 
 def test_a_table_plot_shows_each_run_beside_its_reference(tmp_path):
-    from mmehr.experiments import plot_table, table_points
+    from mmehr.ablation_plots import plot_table, table_points
 
     rows = [
         ("ehr", s, "full", "icu_mortality", "auroc", v, v - 0.05, v + 0.05) for s, v in ((0, 0.70), (1, 0.74))
