@@ -144,10 +144,25 @@ def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
             "predicted_boolean_probability": np.where(symptom, 0.8, 0.1).astype(np.float32),
         }
     ).write_parquet(ev / "predictions.parquet")
+    # the supervised references on the same samples: EHR ignores the symptom, EHR + notes follows it
+    pl.DataFrame(
+        {
+            "subject_id": np.arange(n),
+            "prediction_time": np.full(n, 150 * hour),
+            "boolean_value": symptom,
+            "p_ehr": np.full(n, 0.3, dtype=np.float32),
+            "p_ehr+note": np.where(symptom, 0.9, 0.2).astype(np.float32),
+        }
+    ).write_parquet(ev / "reference.parquet")
     lines = planted_signal({"run": ev.parent}, tmp_path / "truth.parquet")
-    row = next(line for line in lines if line.startswith("| run | icu_admission"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:6] == ["40", "0.500", "0.500", "1.000"]
+
+    def cells(prefix):
+        row = next(line for line in lines if line.startswith(prefix))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    assert cells("| run | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
+    assert cells("| reference (ehr) | icu_admission")[2:6] == ["40", "0.500", "0.500", "0.500"]
+    assert cells("| reference (ehr+note) | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
 
 
 def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):

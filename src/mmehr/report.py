@@ -287,30 +287,48 @@ def join_stays(pred: pl.DataFrame, truth: pl.DataFrame, time_col: str = "t") -> 
     return j.filter(pl.col("admit_us").is_not_null() & (pl.col(time_col) <= pl.col("end_us")))
 
 
+def _following_cells(j: pl.DataFrame, p_col: str) -> list[str]:
+    """One table row's cells: the AUROC of `p_col` for each planted condition, then its Spearman
+    correlation with the EHR-visible risk."""
+    p = j[p_col].to_numpy().astype(float)
+    cells = [f"{auroc(j[c].to_numpy().astype(int), p):.3f}" for c in PLANTED]
+    rank = j.select(pl.corr(p_col, "visible_risk", method="spearman")).item()
+    cells.append("—" if rank is None or not np.isfinite(rank) else f"{rank:+.3f}")
+    return cells
+
+
 def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     """Which planted condition each run's predicted risk follows, from the synthetic cohort's truth table.
 
     Each prediction is matched to its hospital stay (the stay of that subject admitted last at or before the
     prediction time). Per condition: the AUROC with which the predicted risk separates stays with the
     condition from stays without (0.5: the prediction ignores it); and the rank correlation (Spearman) of
-    the predicted risk with the EHR-visible risk.
+    the predicted risk with the EHR-visible risk. Below the runs, the same for each supervised reference
+    (`reference.parquet` of the first evaluation that has it, per task): how far a model fit on those
+    inputs follows each condition, the yardstick for the runs' numbers.
     """
     truth = pl.read_parquet(truth_path).select("subject_id", "admit_us", "end_us", *PLANTED, "visible_risk")
     head = "| run | task | n | " + " | ".join(PLANTED.values()) + " | EHR-visible risk (Spearman) |"
-    rows = []
+    rows, references = [], {}
     for name, d in evals.items():
         for path in sorted(d.glob("*/predictions.parquet")):
+            task = path.parent.name
             pred = pl.read_parquet(path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
             j = join_stays(pred, truth)
             if j.height < 2:
                 continue
-            p = j["predicted_boolean_probability"].to_numpy().astype(float)
-            cells = [f"{auroc(j[c].to_numpy().astype(int), p):.3f}" for c in PLANTED]
-            rank = j.select(
-                pl.corr("predicted_boolean_probability", "visible_risk", method="spearman")
-            ).item()
-            cells.append("—" if rank is None or not np.isfinite(rank) else f"{rank:+.3f}")
-            rows.append(f"| {name} | {path.parent.name} | {j.height} | " + " | ".join(cells) + " |")
+            cells = _following_cells(j, "predicted_boolean_probability")
+            rows.append(f"| {name} | {task} | {j.height} | " + " | ".join(cells) + " |")
+            ref_path = path.with_name("reference.parquet")
+            if ref_path.is_file():
+                ref = pl.read_parquet(ref_path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
+                for col in ref.columns:
+                    if col.startswith("p_") and (task, col) not in references:
+                        references[task, col] = join_stays(ref.select("subject_id", "t", col), truth)
+    for (task, col), j in sorted(references.items(), key=lambda item: item[0][0]):  # columns in file order
+        if j.height >= 2:
+            cells = _following_cells(j, col)
+            rows.append(f"| reference ({col[2:]}) | {task} | {j.height} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return [
@@ -318,7 +336,9 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
         "",
         "AUROC of each run's predicted risk for each hidden condition of the stay (0.5: the prediction "
         "ignores it; each condition raises the odds of every outcome, so a model that uses a modality "
-        "should score above 0.5 on that modality's condition), from the generator's truth table.",
+        "should score above 0.5 on that modality's condition), from the generator's truth table. The "
+        "'reference' rows are the supervised references on the same samples (EHR, EHR + each modality): "
+        "how far a model fit on those inputs follows each condition, what to read a run's numbers against.",
         "",
         head,
         "|---|---|---|" + "---|" * (len(PLANTED) + 1),
