@@ -147,3 +147,15 @@ def test_folded_media_keys_values_give_the_same_latents_and_gradients():
 def test_the_cheaper_media_path_is_chosen_by_the_sizes():
     assert PerceiverResampler(768, 768, 12, 8, 4).fold_media_kv  # the paper's sizes: 384 < 800
     assert not PerceiverResampler(768, 64, 4, 16, 4).fold_media_kv  # 256 > 128: project once
+
+
+def test_latent_init_std_sets_the_latents_start_and_is_validated():
+    torch.manual_seed(0)
+    default = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64), D, HEADS)
+    torch.manual_seed(0)
+    flamingo = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64, latent_init_std=1.0), D, HEADS)
+    assert abs(default.latents.std().item() - 0.02) < 0.003
+    assert abs(flamingo.latents.std().item() - 1.0) < 0.1
+    torch.testing.assert_close(flamingo.latents * 0.02, default.latents)  # the same draw, scaled
+    with pytest.raises(ValueError, match="latent_init_std"):
+        ModalityConfig(D_ENC, "latent", latent_init_std=0.0)

@@ -162,16 +162,23 @@ class PerceiverResampler(nn.Module):
     """
 
     def __init__(
-        self, d_enc: int, n_embd: int, n_head: int, n_latents: int, n_latent_layers: int, bias: bool = True
+        self,
+        d_enc: int,
+        n_embd: int,
+        n_head: int,
+        n_latents: int,
+        n_latent_layers: int,
+        bias: bool = True,
+        init_std: float = 0.02,
     ):
         super().__init__()
         self.proj = nn.Linear(d_enc, n_embd, bias=bias)
         self.ln_media = nn.LayerNorm(n_embd, bias=bias)
         self.media_kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
-        # Random noise at the scale of the decoder's embeddings (GPT-2: std 0.02), so that at init the
-        # latents' residual stream depends on the media. Flamingo starts them at std 1; measured both ways
-        # in docs/architecture.md ("The Perceiver resampler beside Flamingo's").
-        self.latents = nn.Parameter(0.02 * torch.randn(n_latents, n_embd))  # (n_latents, D)
+        # Random noise, by default at the scale of the decoder's embeddings (GPT-2: std 0.02), so that at
+        # init the latents' residual stream depends on the media. Flamingo starts them at std 1; measured
+        # both ways in docs/architecture.md ("The Perceiver resampler beside Flamingo's").
+        self.latents = nn.Parameter(init_std * torch.randn(n_latents, n_embd))  # (n_latents, D)
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -228,5 +235,7 @@ def build_compressor(m: ModalityConfig, n_embd: int, n_head: int, bias: bool = T
     if m.compression == "mean":
         return MeanPool(m.d_enc, n_embd, bias)
     if m.compression == "latent":
-        return PerceiverResampler(m.d_enc, n_embd, n_head, m.n_latents, m.n_latent_layers, bias)
+        return PerceiverResampler(
+            m.d_enc, n_embd, n_head, m.n_latents, m.n_latent_layers, bias, init_std=m.latent_init_std
+        )
     raise ValueError(f"unknown compression {m.compression!r}; expected none, mean or latent")

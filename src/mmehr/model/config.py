@@ -45,7 +45,9 @@ class ModalityConfig:
 
     compression: `none` keeps all N encoder tokens (projected to n_embd), `mean` pools them into one token,
     `latent` resamples them into `n_latents` tokens (the paper's k) with `n_latent_layers` (the paper's l)
-    Perceiver layers. d_enc is filled from the modality's embedding store.
+    Perceiver layers. d_enc is filled from the modality's embedding store. latent_init_std: the std of the
+    latents' random start (0.02, the decoder's embedding scale; Flamingo and IDEFICS start them at 1;
+    docs/architecture.md measures both).
 
     finetune: `frozen` reads the embedding store; `last_n:N` trains the encoder's last N blocks and `lora:R`
     trains LoRA adapters of rank R in all its blocks' linear layers: the encoder then runs inside the model
@@ -57,6 +59,7 @@ class ModalityConfig:
     compression: Literal["none", "mean", "latent"] = "latent"
     n_latents: int = 8
     n_latent_layers: int = 4
+    latent_init_std: float = 0.02
     finetune: str | dict[str, int] = "frozen"
     finetune_lr_scale: float = 0.1
 
@@ -69,6 +72,8 @@ class ModalityConfig:
             raise ValueError(f"compression must be none|mean|latent, got {self.compression!r}")
         if self.d_enc < 1 or self.n_latents < 1 or self.n_latent_layers < 1:
             raise ValueError("d_enc, n_latents and n_latent_layers must be >= 1")
+        if not self.latent_init_std > 0:
+            raise ValueError(f"latent_init_std must be > 0, got {self.latent_init_std}")
 
 
 @dataclass
