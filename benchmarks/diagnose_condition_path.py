@@ -39,7 +39,7 @@ from mmehr.checkpoint import load_model
 from mmehr.modalities.store import EmbeddingStore
 from mmehr.model.compression import PerceiverResampler
 from mmehr.model.gpt import GPT
-from mmehr.report import CONDITION_OF
+from mmehr.report import CONDITION_OF, stored_events_with_truth
 from mmehr.runconfig import TrainConfig, finetune_encoders
 
 
@@ -62,13 +62,8 @@ def load_events(
     (E, N, d_enc), token mask (E, N), condition (E,) bool, event ids."""
     condition = CONDITION_OF[modality]
     truth = pl.read_parquet(data / "synth" / "truth.parquet").select("hadm_id", condition)
-    events = pl.read_parquet(data / "synth" / "truth_events.parquet").filter(~pl.col("canary"))
     store = EmbeddingStore(data / "stores" / modality)
-    index = (
-        pl.DataFrame({"row": np.arange(len(store)), "event_id": store.event_ids})
-        .join(events.select("event_id", "hadm_id"), on="event_id")
-        .join(truth, on="hadm_id")
-    )
+    index = stored_events_with_truth(store, truth, data / "synth" / "truth_events.parquet")
     if index.height < 4:
         raise ValueError(f"{data / 'stores' / modality}: only {index.height} events match the truth table")
     rows = np.random.default_rng(seed).choice(index.height, size=min(n_events, index.height), replace=False)

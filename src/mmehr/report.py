@@ -17,12 +17,16 @@ import html
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves, recorded_sampled_auroc
 from mmehr.io import atomic_path, is_complete
+
+if TYPE_CHECKING:
+    from mmehr.modalities.store import EmbeddingStore
 
 COLUMNS = ("auroc", "auprc", "f1_macro", "f1_pos", "brier")
 HEADERS = ("AUROC", "AUPRC", "F1 (macro)", "F1 (positive)", "Brier")
@@ -226,6 +230,16 @@ def task_signal(evals: dict[str, Path]) -> list[str]:
     return [*lines, ""]
 
 
+def stored_events_with_truth(
+    store: EmbeddingStore, truth: pl.DataFrame, truth_events_path: Path
+) -> pl.DataFrame:
+    """The store's events (`row` in the store, `event_id`) that belong to a stay of the synthetic cohort's
+    truth table (by `truth_events.parquet`, canaries left out), with that stay's `truth` columns."""
+    events = pl.read_parquet(truth_events_path).filter(~pl.col("canary")).select("event_id", "hadm_id")
+    index = pl.DataFrame({"row": np.arange(len(store)), "event_id": store.event_ids})
+    return index.join(events, on="event_id").join(truth, on="hadm_id")
+
+
 def condition_probes(stores: dict[str, Path], truth_path: Path, truth_events_path: Path) -> dict[str, float]:
     """Per modality: the held-out AUROC of a logistic-regression probe that predicts its planted condition
     (`CONDITION_OF`) from each event's mean-pooled stored embedding, fit on the train split's events.
@@ -237,15 +251,13 @@ def condition_probes(stores: dict[str, Path], truth_path: Path, truth_events_pat
     from mmehr.modalities.store import EmbeddingStore
 
     truth = pl.read_parquet(truth_path).select("hadm_id", "split", *PLANTED)
-    events = pl.read_parquet(truth_events_path).filter(~pl.col("canary")).select("event_id", "hadm_id")
     out = {}
     for modality, root in stores.items():
         condition = CONDITION_OF.get(modality)
         if condition is None or not is_complete(root):
             continue
         store = EmbeddingStore(root)
-        index = pl.DataFrame({"row": np.arange(len(store)), "event_id": store.event_ids})
-        index = index.join(events, on="event_id").join(truth, on="hadm_id")
+        index = stored_events_with_truth(store, truth, truth_events_path)
         if index.height < 20:
             continue
         x = np.stack([store.embedding(int(i)).astype(np.float32).mean(0) for i in index["row"].to_list()])
