@@ -84,7 +84,8 @@ def raw_config(timelines: Path, store: Path, finetune: str = "lora:2", **section
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 40, "dropout": 0.1,
                   "fusion": {"xattn_every": 1, "gate_init": 0.0,
                              "modalities": {"note": {"compression": "latent", "n_latents": 2, "n_latent_layers": 1,
-                                                     "finetune": finetune, "finetune_lr_scale": 1.0}}}},
+                                                     "finetune": finetune, "finetune_lr_scale": 1.0,
+                                                     "latent_init_std": 0.02}}}},  # media-sensitive at init
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "max_steps": 12, "batch_size": 4, "grad_accum": 2},
         "run": {"seed": 0, "threads": 1, "log_every": 3, "eval_every": 6, "val_windows": 4, "checkpoint_every": 3},
     }  # fmt: skip

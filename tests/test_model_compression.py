@@ -82,7 +82,7 @@ def test_latent_resampler_ignores_padding_and_reads_real_tokens():
 def test_latents_are_random_learned_parameters():
     c = compressor("latent", k=8)
     assert c.latents.requires_grad and c.latents.shape == (8, D)
-    assert 0.015 < c.latents.std().item() < 0.025  # random noise at embedding scale, not zeros or copies
+    assert 0.8 < c.latents.std().item() < 1.2  # random noise at Flamingo's scale, not zeros or copies
     assert torch.pdist(c.latents).min() > 1e-3
     emb, mask = events()
     c(emb, mask)[0].sum().backward()
@@ -151,11 +151,11 @@ def test_the_cheaper_media_path_is_chosen_by_the_sizes():
 
 def test_latent_init_std_sets_the_latents_start_and_is_validated():
     torch.manual_seed(0)
-    default = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64), D, HEADS)
+    flamingo = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64), D, HEADS)  # the default
     torch.manual_seed(0)
-    flamingo = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64, latent_init_std=1.0), D, HEADS)
-    assert abs(default.latents.std().item() - 0.02) < 0.003
+    small = build_compressor(ModalityConfig(D_ENC, "latent", n_latents=64, latent_init_std=0.02), D, HEADS)
     assert abs(flamingo.latents.std().item() - 1.0) < 0.1
-    torch.testing.assert_close(flamingo.latents * 0.02, default.latents)  # the same draw, scaled
+    assert abs(small.latents.std().item() - 0.02) < 0.003
+    torch.testing.assert_close(flamingo.latents * 0.02, small.latents)  # the same draw, scaled
     with pytest.raises(ValueError, match="latent_init_std"):
         ModalityConfig(D_ENC, "latent", latent_init_std=0.0)

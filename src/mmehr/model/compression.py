@@ -169,15 +169,15 @@ class PerceiverResampler(nn.Module):
         n_latents: int,
         n_latent_layers: int,
         bias: bool = True,
-        init_std: float = 0.02,
+        init_std: float = 1.0,
     ):
         super().__init__()
         self.proj = nn.Linear(d_enc, n_embd, bias=bias)
         self.ln_media = nn.LayerNorm(n_embd, bias=bias)
         self.media_kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
-        # Random noise, by default at the scale of the decoder's embeddings (GPT-2: std 0.02), so that at
-        # init the latents' residual stream depends on the media. Flamingo starts them at std 1; measured
-        # both ways in docs/architecture.md ("The Perceiver resampler beside Flamingo's").
+        # Random noise, by default at std 1 as Flamingo starts them. At the decoder's embedding scale (GPT-2:
+        # std 0.02) the k latents end as near copies of one another on the demo cohort and keep one choice of
+        # what to read (docs/architecture.md, "Where the notes' condition is lost").
         self.latents = nn.Parameter(init_std * torch.randn(n_latents, n_embd))  # (n_latents, D)
         self.layers = nn.ModuleList(
             nn.ModuleList(

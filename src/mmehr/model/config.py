@@ -46,8 +46,8 @@ class ModalityConfig:
     compression: `none` keeps all N encoder tokens (projected to n_embd), `mean` pools them into one token,
     `latent` resamples them into `n_latents` tokens (the paper's k) with `n_latent_layers` (the paper's l)
     Perceiver layers. d_enc is filled from the modality's embedding store. latent_init_std: the std of the
-    latents' random start (0.02, the decoder's embedding scale; Flamingo and IDEFICS start them at 1;
-    docs/architecture.md measures both).
+    latents' random start (1, Flamingo's and IDEFICS's; at 0.02, the decoder's embedding scale, the k
+    latents end as near copies on the demo cohort: docs/architecture.md measures both).
 
     finetune: `frozen` reads the embedding store; `last_n:N` trains the encoder's last N blocks and `lora:R`
     trains LoRA adapters of rank R in all its blocks' linear layers: the encoder then runs inside the model
@@ -59,7 +59,7 @@ class ModalityConfig:
     compression: Literal["none", "mean", "latent"] = "latent"
     n_latents: int = 8
     n_latent_layers: int = 4
-    latent_init_std: float = 0.02
+    latent_init_std: float = 1.0
     finetune: str | dict[str, int] = "frozen"
     finetune_lr_scale: float = 0.1
 
