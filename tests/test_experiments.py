@@ -59,7 +59,8 @@ def test_tables_show_mean_and_spread_over_seeds_and_ci_for_one_seed():
     assert "| mm | 0.820 ± 0.028 |" in md
     assert "| 0.900 ± 0.000 | 0.870 ± 0.014 | n/a |" in md  # no zero-shot - reference rows given
     assert "| ehr | 0.710 ± 0.014 |" in md
-    assert "Modality knock-out" in md and "without_note" in md
+    assert "Modality knock-out" in md
+    assert "| mm | icu_mortality | 0.820 ± 0.028 | 0.710 [0.660, 0.760] |" in md  # full beside the knock-out
     rec = next(r for r in records if r["run"] == "mm" and r["metric"] == "auroc")
     assert rec["mean"] == pytest.approx(0.82) and rec["values"] == [0.80, 0.84]
 

@@ -12,6 +12,12 @@ import numpy as np
 import polars as pl
 
 
+def select(results: pl.DataFrame, **columns: str) -> pl.DataFrame:
+    """The rows of a grid's results (run, seed, task, variant, metric, value, lo, hi) whose named columns
+    hold the given values, e.g. `select(results, run="ehr_only", task="icu_mortality", metric="auroc")`."""
+    return results.filter(pl.all_horizontal(pl.col(c) == v for c, v in columns.items()))
+
+
 def table_points(task: str, runs: list[str], results: pl.DataFrame) -> dict[str, dict]:
     """What a table's plot shows per run: the zero-shot AUROC of each seed ("values", with the "lo" / "hi"
     of its bootstrap CI), and the mean over seeds of the run's supervised reference ("reference") and of
@@ -19,20 +25,13 @@ def table_points(task: str, runs: list[str], results: pl.DataFrame) -> dict[str,
     finished evaluation are left out."""
 
     def mean(run: str, variant: str, metric: str) -> float | None:
-        v = results.filter(
-            (pl.col("run") == run)
-            & (pl.col("variant") == variant)
-            & (pl.col("task") == task)
-            & (pl.col("metric") == metric)
-        )["value"].to_numpy()
+        v = select(results, run=run, variant=variant, task=task, metric=metric)["value"].to_numpy()
         v = v[~np.isnan(v.astype(float))] if v.size else v
         return float(v.mean()) if v.size else None
 
     points = {}
     for run in runs:
-        r = results.filter(
-            (pl.col("run") == run) & (pl.col("variant") == "full") & (pl.col("task") == task)
-        ).filter(pl.col("metric") == "auroc")
+        r = select(results, run=run, variant="full", task=task, metric="auroc")
         if not r.height:
             continue
         points[run] = {

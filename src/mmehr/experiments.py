@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mmehr.ablation_plots import plot_table
+from mmehr.ablation_plots import plot_table, select
 from mmehr.config import from_dict, load_yaml
 from mmehr.evaluate.metrics import pooled_paired_auroc_difference
 from mmehr.io import OutputLock, atomic_path, check_output, is_complete, mark_output, write_json
@@ -294,7 +294,6 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
     """The paper's table layout: one row per run, AUROC / AUPRC / F1 (macro) / F1 (positive)."""
     parts, records = [], []
     specs = grid.tables or [TableSpec(title="All runs", runs=list(grid.runs))]
-    full = results.filter(pl.col("variant") == "full")
     for spec in specs:
         for task in spec.tasks(grid.tasks):
             n_seeds = len(grid.seeds)
@@ -310,9 +309,7 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
             for run in spec.runs:
                 cells = []
                 for metric in TABLE_METRICS:
-                    sel = full.filter(
-                        (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("metric") == metric)
-                    )
+                    sel = select(results, run=run, task=task, variant="full", metric=metric)
                     cells.append(_cell(sel))
                     if sel.height:
                         vals = sel["value"].to_numpy()
@@ -327,12 +324,9 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
                                 "values": vals.tolist(),
                             }
                         )
-                ref = results.filter(
-                    (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("variant") == "reference")
-                )
-                cells.append(_cell(ref.filter(pl.col("metric") == "auroc")))
-                cells.append(_cell(ref.filter(pl.col("metric") == "auroc_at_rollouts")))
-                cells.append(_cell(ref.filter(pl.col("metric") == "zero_shot_minus_reference"), signed=True))
+                for metric in ("auroc", "auroc_at_rollouts", "zero_shot_minus_reference"):
+                    ref = select(results, run=run, task=task, variant="reference", metric=metric)
+                    cells.append(_cell(ref, signed=metric == "zero_shot_minus_reference"))
                 parts.append(f"| {run} | " + " | ".join(cells) + " |")
             parts.append("")
     knock = results.filter(pl.col("variant").str.starts_with("without_") & (pl.col("metric") == "auroc"))
@@ -341,18 +335,9 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
         parts.append("| run | task | full | " + " | ".join(sorted(set(knock["variant"]))) + " |")
         parts.append("|---|---|---|" + "---|" * len(set(knock["variant"])))
         for (run, task), _ in knock.group_by(["run", "task"], maintain_order=True):
-            base = full.filter(
-                (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("metric") == "auroc")
-            )
-            cells = [_cell(base)]
+            cells = [_cell(select(results, run=run, task=task, variant="full", metric="auroc"))]
             for variant in sorted(set(knock["variant"])):
-                cells.append(
-                    _cell(
-                        knock.filter(
-                            (pl.col("run") == run) & (pl.col("task") == task) & (pl.col("variant") == variant)
-                        )
-                    )
-                )
+                cells.append(_cell(select(knock, run=run, task=task, variant=variant)))
             parts.append(f"| {run} | {task} | " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts), records
