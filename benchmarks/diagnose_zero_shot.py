@@ -14,6 +14,10 @@ deterioration; for the mortality tasks the same AUROCs with the deaths split by 
 prediction time they come (each group against all survivors: labs worsen over the 36 h before a death);
 and how well each prediction follows each hidden condition (AUROC of the prediction for the
 condition; 0.5: not at all). This is how the ICU-mortality gap was traced (README, "What the demo shows").
+
+With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
+each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
+95% CI): what a modality's condition can add on the held-out split, beside the same in the train split.
 """
 
 from __future__ import annotations
@@ -30,6 +34,34 @@ from mmehr.evaluate.metrics import auroc
 from mmehr.report import join_stays
 
 CONDITIONS = ("af", "opacity", "symptom")
+# Each task's outcome in the truth table, and the stays it is asked of (ICU mortality: the ICU stays).
+OUTCOMES = {
+    "hospital_mortality": ("hospital_death", None),
+    "icu_mortality": ("icu_death", "first_icu_us"),
+    "icu_admission": ("icu_admitted", None),
+    "icu_readmission": ("icu_readmitted", "first_icu_us"),
+}
+
+
+def condition_effects(truth: pl.DataFrame, task: str, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per split: the stays, the positives, and each hidden condition's AUROC for the task's outcome
+    (value, lo, hi: bootstrap 95% CI over stays)."""
+    outcome, among = OUTCOMES[task]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (split,), s in truth.group_by("split", maintain_order=True):
+        if among is not None:
+            s = s.filter(pl.col(among).is_not_null())
+        y = s[outcome].fill_null(False).to_numpy().astype(bool)
+        row: dict = {"split": split, "n": len(y), "positive": int(y.sum())}
+        draws = [rng.integers(0, len(y), len(y)) for _ in range(n_boot)]
+        for c in CONDITIONS:
+            x = s[c].cast(pl.Float64).to_numpy()
+            boot = [auroc(y[i], x[i]) for i in draws if 0 < y[i].sum() < len(i)]
+            lo, hi = np.percentile(boot, [2.5, 97.5]) if boot else (np.nan, np.nan)
+            row[c] = (auroc(y, x), float(lo), float(hi))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["split"])
 
 
 def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.DataFrame:
@@ -88,10 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synth", type=Path, required=True, help="the `mmehr synth` output (truth.parquet)")
     ap.add_argument("--task", required=True)
-    ap.add_argument("evals", nargs="+", type=Path, help="`mmehr evaluate` output directories")
+    ap.add_argument(
+        "--condition-effects",
+        action="store_true",
+        help="first, per split, each hidden condition's AUROC alone for the task's outcome",
+    )
+    ap.add_argument("evals", nargs="*", type=Path, help="`mmehr evaluate` output directories")
     args = ap.parse_args(argv)
     truth = pl.read_parquet(args.synth / "truth.parquet")
     cfg = json.loads((args.synth / "manifest.json").read_text())["config"]
+    if args.condition_effects:
+        print(
+            f"## each hidden condition alone, {args.task} (AUROC [bootstrap 95% CI] over the split's stays)"
+        )
+        for r in condition_effects(truth, args.task):
+            cells = " | ".join(
+                f"{c} {v:.3f} [{lo:.3f}, {hi:.3f}]" for c, (v, lo, hi) in ((c, r[c]) for c in CONDITIONS)
+            )
+            print(f"{r['split']} ({r['n']} stays, {r['positive']} positive): {cells}")
+    elif not args.evals:
+        ap.error("give evaluation directories, --condition-effects, or both")
     for eval_dir in args.evals:
         r = diagnose(samples_with_truth(eval_dir, args.task, truth), args.task, cfg)
         print(f"\n## {eval_dir} ({args.task}: n = {r['n']}, {r['positive']} positive)")

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from diagnose_zero_shot import diagnose, samples_with_truth
+from diagnose_zero_shot import condition_effects, diagnose, samples_with_truth
 
 HOUR = 3_600_000_000
 
@@ -70,3 +70,31 @@ def test_joins_each_sample_to_its_stay_and_scores_the_oracles(tmp_path: Path) ->
     sizes = [int(k.split("(")[1].rstrip(")")) for k in groups]
     assert len(groups) == 3 and sum(sizes) == int(y.sum())
     assert all(v["p_ehr"] == v["oracle: EHR part"] for v in groups.values())
+
+
+def test_condition_effects_per_split_show_what_a_condition_can_add() -> None:
+    rng = np.random.default_rng(1)
+    n = 3000
+    af, other = rng.random(n) < 0.25, rng.random(n) < 0.25
+    split = np.where(np.arange(n) < 2000, "train", "held_out")
+    # AF raises hospital death in train only; ICU mortality is asked of the ICU stays alone.
+    death = rng.random(n) < np.where(af & (split == "train"), 0.6, 0.2)
+    icu = np.where(rng.random(n) < 0.5, 1, None)
+    truth = pl.DataFrame(
+        {
+            "split": split,
+            "af": af,
+            "opacity": other,
+            "symptom": rng.random(n) < 0.25,
+            "hospital_death": death,
+            "icu_death": death,
+            "first_icu_us": icu,
+        }
+    )
+    rows = {r["split"]: r for r in condition_effects(truth, "hospital_mortality", n_boot=200)}
+    assert rows["train"]["n"] == 2000 and rows["train"]["positive"] == int(death[:2000].sum())
+    value, lo, hi = rows["train"]["af"]
+    assert 0.6 < lo < value < hi and abs(rows["held_out"]["af"][0] - 0.5) < 0.06
+    assert abs(rows["train"]["opacity"][0] - 0.5) < 0.05  # unrelated to the outcome
+    icu_rows = {r["split"]: r for r in condition_effects(truth, "icu_mortality", n_boot=50)}
+    assert icu_rows["train"]["n"] == int((icu[:2000] != None).sum())  # noqa: E711 (object array)
