@@ -65,6 +65,7 @@ def test_joins_each_sample_to_its_stay_and_scores_the_oracles(tmp_path: Path) ->
     assert auroc["zero_shot"] < auroc["oracle: EHR part"] - 0.05  # it misses the deterioration
     assert r["spearman zero_shot ~ deterioration"] < 0.1 < r["spearman p_ehr ~ deterioration"]
     assert r["follows"]["zero_shot ~ af"] < 0.6  # af follows the hidden part only
+    assert r["follows"]["oracle: EHR + hidden ~ af"] > 0.6  # which the oracle holds
     # Deaths split by how soon they come, each group against every survivor.
     groups = {k: v for k, v in r.items() if k.startswith("auroc, death")}
     sizes = [int(k.split("(")[1].rstrip(")")) for k in groups]
