@@ -13,8 +13,8 @@ part. Then the Spearman correlation of the zero-shot and the EHR reference with 
 deterioration; for the mortality tasks the same AUROCs with the deaths split by how soon after the
 prediction time they come (each group against all survivors: labs worsen over the 36 h before a death);
 and how well each prediction follows each hidden condition (AUROC of the prediction for the
-condition; 0.5: not at all), beside the oracle's (the EHR part plus the hidden part: what a model that
-weighs each condition as planted would show). This is how the ICU-mortality gap was traced (README, "What the demo shows").
+condition; 0.5: not at all), beside the oracles' (the EHR part plus the whole hidden part, or plus one condition's
+share: what a model that weighs the conditions it sees as planted would show). This is how the ICU-mortality gap was traced (README, "What the demo shows").
 
 With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
 each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
@@ -113,8 +113,12 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
                 out[f"auroc, {name} ({int(y[keep].sum())})"] = {
                     k: auroc(y[keep], v[keep]) for k, v in scores.items()
                 }
-    # The oracle's own following is the most a model that weighs each condition as planted can show.
+    # An oracle's own following is the most a model that weighs each condition as planted can show: with
+    # every condition (an all-modality run), or with one (a run that sees that modality alone).
     oracle = {**preds, "oracle: EHR + hidden": ehr + d["hidden_risk"].to_numpy()}
+    for c, strength in zip(CONDITIONS, ("ecg_strength", "cxr_strength", "note_strength"), strict=True):
+        if strength in cfg:
+            oracle[f"oracle: EHR + {c}"] = ehr + cfg[strength] * d[c].cast(pl.Float64).to_numpy()
     out["follows"] = {f"{k} ~ {c}": auroc(d[c].to_numpy(), v) for c in CONDITIONS for k, v in oracle.items()}
     return out
 

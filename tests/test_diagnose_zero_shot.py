@@ -66,6 +66,14 @@ def test_joins_each_sample_to_its_stay_and_scores_the_oracles(tmp_path: Path) ->
     assert r["spearman zero_shot ~ deterioration"] < 0.1 < r["spearman p_ehr ~ deterioration"]
     assert r["follows"]["zero_shot ~ af"] < 0.6  # af follows the hidden part only
     assert r["follows"]["oracle: EHR + hidden ~ af"] > 0.6  # which the oracle holds
+    # An oracle that sees one condition (a single-modality run's ceiling) follows it more.
+    one = diagnose(d, "icu_mortality", {"ehr_strength": 2.0, "icu_triage": 1.5, "ecg_strength": 3.0})[
+        "follows"
+    ]
+    assert (
+        one["oracle: EHR + af ~ af"] > one["oracle: EHR + hidden ~ af"]
+        and "oracle: EHR + opacity ~ af" not in one
+    )
     # Deaths split by how soon they come, each group against every survivor.
     groups = {k: v for k, v in r.items() if k.startswith("auroc, death")}
     sizes = [int(k.split("(")[1].rstrip(")")) for k in groups]
