@@ -13,8 +13,9 @@ part. Then the Spearman correlation of the zero-shot and the EHR reference with 
 deterioration; for the mortality tasks the same AUROCs with the deaths split by how soon after the
 prediction time they come (each group against all survivors: labs worsen over the 36 h before a death);
 and how well each prediction follows each hidden condition (AUROC of the prediction for the
-condition; 0.5: not at all), beside the oracles' (the EHR part plus the whole hidden part, or plus one condition's
-share: what a model that weighs the conditions it sees as planted would show). This is how the ICU-mortality gap was traced (README, "What the demo shows").
+condition; 0.5: not at all), beside the oracles' (the EHR part plus the whole hidden part, or plus one
+condition's share: what a model that weighs the conditions it sees as planted would show). This is how
+the ICU-mortality gap was traced (README, "What the demo shows").
 
 With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
 each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
@@ -35,7 +36,8 @@ from mmehr.evaluate.metrics import auroc
 from mmehr.report import join_stays
 
 CONDITIONS = ("af", "opacity", "symptom")
-# Each task's outcome in the truth table, and the stays it is asked of (ICU mortality: the ICU stays).
+# Each task's outcome in the truth table, and the stays it is asked of (ICU mortality: the ICU stays). The
+# truth table's ICU admission is the admission alone (the task also counts a death before it).
 OUTCOMES = {
     "hospital_mortality": ("hospital_death", None),
     "icu_mortality": ("icu_death", "first_icu_us"),
