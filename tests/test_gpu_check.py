@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
@@ -50,9 +48,9 @@ def test_gpu_check_runs_every_section_on_cpu_at_tiny_sizes(tmp_path):
     assert tokens == {"bert": 512, "vit-mae": 197, "biomedclip": 197, "ecg-fm": 312, "csfm": 1201}
 
     tests = by["tests", "pytest -m gpu tests/test_gpu.py"]
-    assert tests["tests"] >= 8 and tests["failures"] == tests["errors"] == 0
-    if not torch.cuda.is_available():
-        assert tests["skipped"] == tests["tests"] and tests["status"] == "ok (all skipped: no CUDA)"
+    # On CPU the mask tests run under CPU bf16 autocast (3 compressions + 2 of the EHR-only equivalence).
+    assert tests["tests"] == 5 and tests["passed"] == 5 and tests["failures"] == tests["errors"] == 0
+    assert tests["status"].startswith("ok (on CPU: the mask tests only")
 
     md = (tmp_path / "gpu_check.md").read_text()
     for section in ("environment", "matmul", "train", "rollout", "encoders", "tests"):
