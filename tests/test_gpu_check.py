@@ -64,3 +64,21 @@ def test_cases_past_the_time_budget_are_skipped_and_reported(tmp_path):
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert len(rows) == 2 + 4 + 4  # environment, matmul, 4 training modes, 4 rollout cases
     assert all(r["status"].startswith("skipped: ") and "budget" in r["status"] for r in rows)
+
+
+def test_profile_train_step_times_each_mode_and_profiles_the_latent_step(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    script = ROOT / "benchmarks" / "profile_train_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--steps", "1"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "profile_train_step.txt").read_text()
+    times = [line for line in report.splitlines() if line.endswith("ms/step")]
+    assert [t.split(":")[0] for t in times] == [
+        "ehr_only",
+        "mean",
+        "latent, media keys/values folded",
+        "latent, media keys/values folded",
+    ]
+    assert all(float(t.split()[-2]) > 0 for t in times)
+    assert "latent, 3 steps, by host time:" in report and "aten::" in report
