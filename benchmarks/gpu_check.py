@@ -230,15 +230,17 @@ def synthetic_batch(check: Check, rows: int, T: int, multimodal: bool, seed: int
     return tokens.to(dev), times.to(dev), mods
 
 
-def train_case(check: Check, mode: str, compiled: bool) -> dict:
-    from mmehr.model.accounting import train_flops_per_token
-
+def train_step(check: Check, mode: str, compiled: bool = False, fold: bool | None = None):
+    """-> (model, step, losses): `step()` runs one training step (forward, backward, AdamW) of `mode` on a
+    synthetic batch and appends its loss. fold: force the Perceiver's `fold_media_kv` (None: by size)."""
     s = check.spec
-    B, T = s["batch"], s["block"]
-    check.reset_peak()
     model = build_model(check, mode).train()
+    if fold is not None:
+        for m in model.modules():
+            if hasattr(m, "fold_media_kv"):
+                m.fold_media_kv = fold
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
-    tokens, times, mods = synthetic_batch(check, B, T, mode != "ehr_only")
+    tokens, times, mods = synthetic_batch(check, s["batch"], s["block"], mode != "ehr_only")
     targets, mask = tokens.roll(-1, 1), torch.ones_like(tokens, dtype=torch.bool)
     run = torch.compile(model, backend=s["compile_backend"]) if compiled else model
     losses = []
@@ -251,6 +253,16 @@ def train_case(check: Check, mode: str, compiled: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
+    return model, step, losses
+
+
+def train_case(check: Check, mode: str, compiled: bool) -> dict:
+    from mmehr.model.accounting import train_flops_per_token
+
+    s = check.spec
+    B, T = s["batch"], s["block"]
+    check.reset_peak()
+    model, step, losses = train_step(check, mode, compiled)
     t0 = time.perf_counter()
     step()  # the first step compiles
     check.sync()
@@ -263,7 +275,7 @@ def train_case(check: Check, mode: str, compiled: bool) -> dict:
         step()
     check.sync()
     step_s = (time.perf_counter() - t0) / s["steps"]
-    events = {name: (s["K_m"], N) for name in mods for N in [s["tokens"][name]]} if mods else None
+    events = {name: (s["K_m"], N) for name, N in s["tokens"].items()} if mode != "ehr_only" else None
     flops = train_flops_per_token(model, T, events) * B * T
     if not all(torch.isfinite(x).item() for x in losses):
         raise FloatingPointError(f"non-finite training loss: {[float(x) for x in losses]}")

@@ -21,28 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check as g  # it puts this checkout's src on the path
 
 
-def step_fn(check: g.Check, mode: str, fold: bool | None):
-    """A training step (forward, backward, AdamW) of `mode`; fold None keeps the size-based choice."""
-    s = check.spec
-    model = g.build_model(check, mode).train()
-    if fold is not None:
-        for m in model.modules():
-            if hasattr(m, "fold_media_kv"):
-                m.fold_media_kv = fold
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
-    tokens, times, mods = g.synthetic_batch(check, s["batch"], s["block"], mode != "ehr_only")
-    targets, mask = tokens.roll(-1, 1), torch.ones_like(tokens, dtype=torch.bool)
-
-    def step() -> None:
-        with check.autocast():
-            _, loss = model(tokens, times, mods, targets=targets, loss_mask=mask)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def seconds_per_step(check: g.Check, step, steps: int = 5) -> float:
     for _ in range(2):
         step()
@@ -66,12 +44,12 @@ def main(argv: list[str] | None = None) -> str:
     check = g.Check(args.out or Path("."), device, "paper" if cuda else "tiny", float("inf"))
     lines = [f"device {device}, sizes {check.size}, torch {torch.__version__}"]
     for mode, fold in (("ehr_only", None), ("mean", None), ("latent", True), ("latent", False)):
-        ms = 1000 * seconds_per_step(check, step_fn(check, mode, fold), args.steps)
+        ms = 1000 * seconds_per_step(check, g.train_step(check, mode, fold=fold)[1], args.steps)
         lines.append(
             f"{mode}{'' if fold is None else f', media keys/values folded: {fold}'}: {ms:.1f} ms/step"
         )
         print(lines[-1], flush=True)
-    step = step_fn(check, "latent", None)
+    step = g.train_step(check, "latent")[1]
     seconds_per_step(check, step, 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
