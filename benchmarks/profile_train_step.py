@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{mode}{'' if fold is None else f', media keys/values folded: {fold}'}: {ms:.1f} ms/step"
         )
         print(lines[-1], flush=True)
+    printed = len(lines)  # the header is not printed; the timings were, as they came
     step = g.train_step(check, "latent")[1]
     seconds_per_step(check, step, 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> str:
         ]
     lines += ["", "latent, 3 steps, by host time:", table.table(sort_by="cpu_time_total", row_limit=20)]
     report = "\n".join(lines) + "\n"
-    print("\n".join(lines[5:]))
+    print("\n".join(lines[printed:]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_train_step.txt").write_text(report)
