@@ -321,6 +321,33 @@ def test_modality_dropout_drops_events_only_at_train_time():
     assert 0.43 < kept < 0.57
 
 
+def test_media_cutoff_trains_a_row_as_a_rollout_from_a_random_token_sees_it():
+    """A row cut at a drawn token's time computes what the model computes with no event acquired at or
+    after that time (a rollout's view); only at train time, and only when asked."""
+    m = model("latent", media_cutoff=1.0).train()
+    tokens, times, mods = batch(seed=1)
+    note = mods["note"]
+    torch.manual_seed(3)
+    cut = m.fusion.draw_cutoff(times)
+    torch.manual_seed(3)
+    out = m(tokens, times, mods)[0]
+    m.eval()
+    assert m.fusion.draw_cutoff(times) is None
+    before_cut = note.event_mask & (note.event_time < cut[:, None])
+    assert (before_cut != note.event_mask).any()  # the draw hides an event from some row
+    as_rollout = ModalityInputs(note.emb, note.token_mask, note.event_time, before_cut)
+    torch.testing.assert_close(out, m(tokens, times, {"note": as_rollout})[0], rtol=0, atol=1e-6)
+    assert (out - m(tokens, times, mods)[0]).abs().max() > 1e-4  # eval: every event, no cut
+    never = model("latent").train()
+    assert never.fusion.draw_cutoff(times) is None
+    half = model("latent", media_cutoff=0.5).train()
+    torch.manual_seed(0)
+    drawn = half.fusion.draw_cutoff(T0 + torch.arange(16).expand(4000, 16) * HOUR)
+    assert 0.46 < (drawn < torch.iinfo(torch.int64).max).float().mean().item() < 0.54
+    with pytest.raises(ValueError, match="media_cutoff"):
+        FusionConfig(media_cutoff=1.5)
+
+
 def test_fusion_dropout_follows_the_decoder_unless_set_apart():
     def rates(cfg: ModelConfig) -> tuple[float, float, float]:
         block = GatedCrossAttentionBlock(cfg, cfg.fusion)

@@ -88,6 +88,11 @@ class FusionConfig:
     scalars. lr_scale: learning-rate multiplier of everything else the fusion adds to the decoder
     (compressors, cross-attention blocks, modality embeddings, time bias); a finetuned encoder keeps its
     finetune_lr_scale. modality_dropout: at train time, drop each available event with this probability.
+    media_cutoff: at train time, with this probability per row, a random token of the window becomes a
+    simulated prediction time: the tokens after it see only the media acquired before it, as a rollout's
+    generated tokens do (no event after the prediction time exists for them). Without it, a token late in
+    an ICU stay always sees that stay's ICU X-ray and note, which a rollout from the ICU admission never
+    has (docs/experiments.md, "Media after the prediction time").
     dropout: the cross-attention blocks' dropout (attention probabilities, residual updates, feed-forward);
     None: the decoder's (`dropout`, and `attn_dropout` for the attention probabilities).
     modality_embedding: add a learned vector per modality to its compressed tokens. time_bias: a learned
@@ -102,6 +107,7 @@ class FusionConfig:
     gate_lr_scale: float = 30.0
     lr_scale: float = 1.0
     modality_dropout: float = 0.0
+    media_cutoff: float = 0.0
     dropout: float | None = None
     modality_embedding: bool = True
     time_bias: bool = False
@@ -120,6 +126,8 @@ class FusionConfig:
             )
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+        if not 0.0 <= self.media_cutoff <= 1.0:
+            raise ValueError(f"media_cutoff must be in [0, 1], got {self.media_cutoff}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"fusion dropout must be in [0, 1) or null, got {self.dropout}")
 

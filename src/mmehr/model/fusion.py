@@ -297,10 +297,29 @@ class Fusion(nn.Module):
         return MediaCache(media.valid, media.time, kv)
 
     # -- per call: who sees what --
+    def draw_cutoff(self, times: Tensor) -> Tensor | None:
+        """At train time, per row with probability fusion.media_cutoff, the time of a uniformly drawn token
+        of the row (a simulated prediction time); int64 max elsewhere. None when off (eval, or 0)."""
+        p = self.fusion.media_cutoff
+        if not self.training or p <= 0:
+            return None
+        B, T = times.shape
+        cut = times.gather(1, torch.randint(0, T, (B, 1), device=times.device)).squeeze(1)
+        drawn = torch.rand(B, device=times.device) < p
+        return torch.where(drawn, cut, torch.iinfo(torch.int64).max)
+
     def context(
-        self, times: Tensor | None, media: Media | None = None, cache: MediaCache | None = None
+        self,
+        times: Tensor | None,
+        media: Media | None = None,
+        cache: MediaCache | None = None,
+        cutoff: Tensor | None = None,
     ) -> CrossContext | None:
-        """The visibility mask of tokens at `times` (B, T) int64 µs over the media (or the cached media)."""
+        """The visibility mask of tokens at `times` (B, T) int64 µs over the media (or the cached media).
+
+        cutoff (B,) int64 µs (`draw_cutoff`): a token sees only media acquired strictly before
+        min(its own time, cutoff); the time bias still reads each event's age at the token's own time.
+        """
         if cache is not None:
             valid, media_time, tokens, kv = cache.valid, cache.time, None, cache.kv
         elif media is not None and media.tokens.shape[1] > 0:
@@ -309,7 +328,8 @@ class Fusion(nn.Module):
             return None
         if times is None or times.ndim != 2 or times.shape[0] != valid.shape[0] or times.dtype != torch.int64:
             raise ValueError(f"times must be int64 µs (B, T) matching the media's {valid.shape[0]} rows")
-        visible = visible_media(times, media_time, valid)  # (B, T, M)
+        seen_before = times if cutoff is None else torch.minimum(times, cutoff[:, None])
+        visible = visible_media(seen_before, media_time, valid)  # (B, T, M)
         has_any = visible.any(-1)  # (B, T)
         mask = (visible | ~has_any[..., None]).unsqueeze(1)  # (B, 1, T, M): no fully masked row, no NaN
         if self.time_bias is not None:

@@ -110,7 +110,8 @@ class GPT(nn.Module):
             media = media if media is not None else self.encode_media(modalities, B)
             if media is not None and times is not None and times.shape != tokens.shape:
                 raise ValueError(f"times {tuple(times.shape)} must match tokens {tuple(tokens.shape)}")
-            ctx = self.fusion.context(times, media=media)
+            cutoff = self.fusion.draw_cutoff(times) if media is not None and times is not None else None
+            ctx = self.fusion.context(times, media=media, cutoff=cutoff)
         elif modalities:
             raise ValueError(f"modalities {sorted(modalities)} given to a model without modalities")
         x = self.hidden(tokens, torch.arange(T, device=tokens.device), ctx=ctx)
