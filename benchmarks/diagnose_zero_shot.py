@@ -14,8 +14,10 @@ deterioration; for the mortality tasks the same AUROCs with the deaths split by 
 prediction time they come (each group against all survivors: labs worsen over the 36 h before a death);
 and how well each prediction follows each hidden condition (AUROC of the prediction for the
 condition; 0.5: not at all), beside the oracles' (the EHR part plus the whole hidden part, or plus one
-condition's share: what a model that weighs the conditions it sees as planted would show). This is how
-the ICU-mortality gap was traced (README, "What the demo shows").
+condition's share: what a model that weighs the conditions it sees as planted would show); last, how
+the rollouts ended (by the token they stopped on) beside how the real timelines did. This is how the
+ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts were found to
+leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction time").
 
 With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
 each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
@@ -79,6 +81,22 @@ def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.Dat
     if ref.is_file():
         pred = pred.join(pl.read_parquet(ref).drop("boolean_value"), on=["subject_id", "prediction_time"])
     return join_stays(pred, truth, time_col="prediction_time")
+
+
+def rollout_ends(eval_dir: Path, task: str) -> tuple[dict[str, float], dict[str, float]]:
+    """How the task's rollouts ended, and how the real timelines did (both as shares, largest first): the
+    outcome or stop token a rollout ended on (e.g. "stop: ICU_DISCHARGE") or its other reason (time
+    limit, timeline end, unfinished). Beside the real ends it shows trajectories the data never has,
+    e.g. an ICU stay left through a hospital discharge without an ICU discharge."""
+    r = pl.read_parquet(eval_dir / task / "rollouts.parquet")
+    ended = pl.when(pl.col("stop_reason").is_in(["outcome", "stop"]))
+    key = ended.then(pl.col("stop_reason") + ": " + pl.col("last_token")).otherwise(pl.col("stop_reason"))
+
+    def shares(col: pl.Expr) -> dict[str, float]:
+        counts = r.group_by(col.alias("end")).len().sort(["len", "end"], descending=[True, False])
+        return {row["end"]: row["len"] / r.height for row in counts.iter_rows(named=True)}
+
+    return shares(key), shares(pl.col("true_outcome"))
 
 
 def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
@@ -157,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         for key in (k for k in r if k.startswith("auroc, ")):
             print(f"{key[7:]}: " + " | ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
         print("follows: " + " | ".join(f"{k} {v:.2f}" for k, v in r["follows"].items() if not np.isnan(v)))
+        if (eval_dir / args.task / "rollouts.parquet").is_file():
+            ends, real = rollout_ends(eval_dir, args.task)
+            print("rollouts ended: " + " | ".join(f"{k} {v:.1%}" for k, v in ends.items()))
+            print("real timelines ended: " + " | ".join(f"{k} {v:.1%}" for k, v in real.items()))
     return 0
 
 

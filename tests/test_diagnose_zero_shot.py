@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from diagnose_zero_shot import condition_effects, diagnose, samples_with_truth
+from diagnose_zero_shot import condition_effects, diagnose, rollout_ends, samples_with_truth
 
 HOUR = 3_600_000_000
 
@@ -107,3 +107,25 @@ def test_condition_effects_per_split_show_what_a_condition_can_add() -> None:
     assert abs(rows["train"]["opacity"][0] - 0.5) < 0.05  # unrelated to the outcome
     icu_rows = {r["split"]: r for r in condition_effects(truth, "icu_mortality", n_boot=50)}
     assert icu_rows["train"]["n"] == int((icu[:2000] != None).sum())  # noqa: E711 (object array)
+
+
+def test_rollout_ends_count_each_ending_beside_the_real_ones(tmp_path: Path) -> None:
+    task = tmp_path / "eval" / "icu_mortality"
+    task.mkdir(parents=True)
+    pl.DataFrame(
+        {
+            "stop_reason": ["outcome", "stop", "stop", "stop", "unfinished", "outcome", "stop", "stop"],
+            "last_token": ["MEDS_DEATH", "ICU_DISCHARGE", "ICU_DISCHARGE", "DISCHARGE_LOCATION//HOME",
+                           "Q4", "MEDS_DEATH", "ICU_DISCHARGE", "ICU_DISCHARGE"],
+            "true_outcome": ["MEDS_DEATH"] * 2 + ["ICU_DISCHARGE"] * 6,
+        }
+    ).write_parquet(task / "rollouts.parquet")  # fmt: skip
+    ends, real = rollout_ends(tmp_path / "eval", "icu_mortality")
+    assert ends == {
+        "stop: ICU_DISCHARGE": 0.5,
+        "outcome: MEDS_DEATH": 0.25,
+        "stop: DISCHARGE_LOCATION//HOME": 0.125,
+        "unfinished": 0.125,
+    }
+    assert next(iter(ends)) == "stop: ICU_DISCHARGE"  # largest first
+    assert real == {"ICU_DISCHARGE": 0.75, "MEDS_DEATH": 0.25}
