@@ -35,6 +35,7 @@ import polars as pl
 from scipy.stats import spearmanr
 
 from mmehr.evaluate.metrics import auroc
+from mmehr.evaluate.scoring import ending_shares
 from mmehr.report import join_stays
 
 CONDITIONS = ("af", "opacity", "symptom")
@@ -84,19 +85,12 @@ def samples_with_truth(eval_dir: Path, task: str, truth: pl.DataFrame) -> pl.Dat
 
 
 def rollout_ends(eval_dir: Path, task: str) -> tuple[dict[str, float], dict[str, float]]:
-    """How the task's rollouts ended, and how the real timelines did (both as shares, largest first): the
-    outcome or stop token a rollout ended on (e.g. "stop: ICU_DISCHARGE") or its other reason (time
-    limit, timeline end, unfinished). Beside the real ends it shows trajectories the data never has,
-    e.g. an ICU stay left through a hospital discharge without an ICU discharge."""
-    r = pl.read_parquet(eval_dir / task / "rollouts.parquet")
-    ended = pl.when(pl.col("stop_reason").is_in(["outcome", "stop"]))
-    key = ended.then(pl.col("stop_reason") + ": " + pl.col("last_token")).otherwise(pl.col("stop_reason"))
-
-    def shares(col: pl.Expr) -> dict[str, float]:
-        counts = r.group_by(col.alias("end")).len().sort(["len", "end"], descending=[True, False])
-        return {row["end"]: row["len"] / r.height for row in counts.iter_rows(named=True)}
-
-    return shares(key), shares(pl.col("true_outcome"))
+    """How the task's rollouts ended, and how the real timelines did (`mmehr.evaluate.scoring.ending_shares`,
+    which `mmehr evaluate` writes to metrics.json and summary.md): beside the real ends it shows
+    trajectories the data never has, e.g. an ICU stay left through a hospital discharge without an ICU
+    discharge."""
+    ends = ending_shares(pl.read_parquet(eval_dir / task / "rollouts.parquet"))
+    return ends["rollouts"], ends["real"]
 
 
 def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:

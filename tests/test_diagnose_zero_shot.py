@@ -114,10 +114,11 @@ def test_rollout_ends_count_each_ending_beside_the_real_ones(tmp_path: Path) -> 
     task.mkdir(parents=True)
     pl.DataFrame(
         {
+            "sample": [0, 0, 1, 1, 2, 2, 3, 3],
             "stop_reason": ["outcome", "stop", "stop", "stop", "unfinished", "outcome", "stop", "stop"],
             "last_token": ["MEDS_DEATH", "ICU_DISCHARGE", "ICU_DISCHARGE", "DISCHARGE_LOCATION//HOME",
                            "Q4", "MEDS_DEATH", "ICU_DISCHARGE", "ICU_DISCHARGE"],
-            "true_outcome": ["MEDS_DEATH"] * 2 + ["ICU_DISCHARGE"] * 6,
+            "true_outcome": ["MEDS_DEATH"] * 2 + ["ICU_DISCHARGE"] * 6,  # per sample: 1 death, 3 discharges
         }
     ).write_parquet(task / "rollouts.parquet")  # fmt: skip
     ends, real = rollout_ends(tmp_path / "eval", "icu_mortality")

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,39 @@ def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
     assert cells("| run | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
     assert cells("| reference (ehr) | icu_admission")[2:6] == ["40", "0.500", "0.500", "0.500"]
     assert cells("| reference (ehr+note) | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
+
+
+def test_the_report_warns_of_rollout_endings_the_data_never_has(tmp_path):
+    from mmehr.report import comparison
+
+    real = {"ICU_DISCHARGE": 0.6, "MEDS_DEATH": 0.4}
+    ends = {
+        "all_three": {
+            "stop: ICU_DISCHARGE": 0.5,
+            "outcome: MEDS_DEATH": 0.3,
+            "stop: DISCHARGE_LOCATION//HOME": 0.2,
+        },
+        "ehr_only": {
+            "stop: ICU_DISCHARGE": 0.55,
+            "outcome: MEDS_DEATH": 0.44,
+            "stop: DISCHARGE_LOCATION//HOME": 0.01,
+        },
+    }
+    evals = {}
+    for name, rollouts in ends.items():
+        task = tmp_path / name / "eval" / "icu_mortality"
+        task.mkdir(parents=True)
+        metrics = {
+            "n_samples": 10,
+            "n_positive": 4,
+            "metrics": {},
+            "ends": {"rollouts": rollouts, "real": real},
+        }
+        (task / "metrics.json").write_text(json.dumps(metrics))
+        evals[name] = task.parent
+    warnings = [line for line in comparison(evals, tmp_path, tmp_path / "plots") if "Warning" in line]
+    assert len(warnings) == 1  # ehr_only's 1 % is under the threshold
+    assert "20% of all_three's rollouts end on `stop: DISCHARGE_LOCATION//HOME`" in warnings[0]
 
 
 def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):

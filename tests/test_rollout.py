@@ -32,7 +32,7 @@ from mmehr.evaluate.sampler import (
     SamplerSettings,
     sample_rollouts,
 )
-from mmehr.evaluate.scoring import cohort_members
+from mmehr.evaluate.scoring import cohort_members, ending_shares, unreal_ends
 from mmehr.evaluate.tasks import TaskTokens, load_task, task_samples
 from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
 from mmehr.model.gpt import GPT
@@ -421,6 +421,14 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     assert metrics["n_without_probability"] == labels.height - pred.height
     assert metrics["rollouts"]["unfinished"] == (rollouts["stop_reason"] == "unfinished").sum()
     assert "unfinished (n)" in (out / "summary.md").read_text()
+    # Where the rollouts ended, beside the real endings of the same samples (one per sample).
+    ends, real = metrics["ends"]["rollouts"], metrics["ends"]["real"]
+    assert sum(ends.values()) == pytest.approx(1.0) and sum(real.values()) == pytest.approx(1.0)
+    by_outcome = sum(v for k, v in ends.items() if k.startswith("outcome: "))
+    assert by_outcome == pytest.approx((rollouts["stop_reason"] == "outcome").mean())
+    deaths = real.get("MEDS_DEATH", 0.0) + real.get("DISCHARGE_LOCATION//DIED", 0.0)
+    assert deaths == pytest.approx(labels["boolean_value"].mean())
+    assert "Where rollouts ended" in (out / "summary.md").read_text()
     assert (
         metrics["tuning"]["n_samples"] == 4 and (task / "tuning" / "predictions.parquet").is_file()
     )  # of 15
@@ -665,3 +673,26 @@ def test_rollouts_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(out[0].tokens, out[1].tokens)
     np.testing.assert_array_equal(out[0].reason, out[1].reason)
+
+
+def test_an_ending_no_real_timeline_has_is_flagged():
+    # 20 ICU-mortality samples, 2 rollouts each: the real stays end in an ICU discharge or a death, and 3
+    # rollouts (7.5%) leave the ICU through a hospital discharge, a trajectory the data never has.
+    n = 20
+    stop = ["stop"] * 30 + ["outcome"] * 7 + ["stop"] * 3
+    last = ["ICU_DISCHARGE"] * 30 + ["MEDS_DEATH"] * 7 + ["DISCHARGE_LOCATION//HOME"] * 3
+    rollouts = pl.DataFrame(
+        {
+            "sample": np.repeat(np.arange(n), 2),
+            "stop_reason": stop,
+            "last_token": last,
+            "true_outcome": np.repeat(["ICU_DISCHARGE"] * 12 + ["MEDS_DEATH"] * 8, 2),
+        }
+    )
+    ends = ending_shares(rollouts)
+    assert ends["real"] == {"ICU_DISCHARGE": 0.6, "MEDS_DEATH": 0.4}  # per sample, not per rollout
+    assert ends["rollouts"]["stop: DISCHARGE_LOCATION//HOME"] == pytest.approx(0.075)
+    assert unreal_ends(ends) == {"stop: DISCHARGE_LOCATION//HOME": pytest.approx(0.075)}
+    # Below 5 % of the rollouts, a rare ending is not flagged (a small sample may lack a real one).
+    rare = rollouts.with_columns(pl.Series("last_token", last[:-2] + ["ICU_DISCHARGE"] * 2))
+    assert unreal_ends(ending_shares(rare)) == {}

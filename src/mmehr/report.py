@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves, recorded_sampled_auroc
+from mmehr.evaluate.scoring import unreal_ends
 from mmehr.io import atomic_path, is_complete
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
         if baseline:
             header += f" AUROC - {baseline} |"
         lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + 2 + (1 if baseline else 0))]
-        curves, verdicts = [], []
+        curves, verdicts, made_up = [], [], []
         base_pred = _predictions(evals[baseline], task) if baseline else None
         for name, d in evals.items():
             path = d / task / "metrics.json"
@@ -169,6 +170,11 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             else:
                 cells += " | — | —"
             row = f"| {name} | {r['n_samples']} | {r['n_positive']} | {cells} |"
+            made_up += [
+                f"- Warning: {share:.0%} of {name}'s rollouts end on `{end}`, which no real timeline of these "
+                "samples ends on (its evaluation details: where rollouts ended)."
+                for end, share in unreal_ends(r.get("ends") or {"rollouts": {}, "real": {}}).items()
+            ]
             pred = _predictions(d, task)
             if baseline:
                 diff = "—"
@@ -192,6 +198,8 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
                 )
         if verdicts:
             lines += ["", *verdicts]
+        if made_up:
+            lines += ["", *made_up]
         if curves:
             png = plot_task_curves(curves, task, plots / f"compare_{task}.png")
             lines += ["", f"![{task}]({png.relative_to(root).as_posix()})"]

@@ -46,6 +46,44 @@ def stop_reason_fractions(rollouts: pl.DataFrame) -> dict[str, float]:
     return {r: counts.get(r, 0) / n for r in STOP_REASONS}
 
 
+# A rollout ending that no real timeline of the same samples ends on, in at least this share of the
+# rollouts, is flagged in summary.md: a trajectory the model makes up (e.g. an ICU stay left through a
+# hospital discharge without an ICU discharge, README: "Media after the prediction time").
+UNREAL_END_WARNING = 0.05
+
+
+def ending_shares(rollouts: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """How the rollouts ended and how the real timelines of the same samples did, as shares, largest
+    first: `rollouts` by the outcome or stop token a rollout ended on ("outcome: MEDS_DEATH", "stop:
+    ICU_DISCHARGE") or its other reason (time_limit, timeline_end, unfinished); `real` by each sample's
+    real ending token ("" where its timeline ends first). Side by side they show the trajectories the
+    model makes up."""
+    ended = pl.col("stop_reason").is_in(["outcome", "stop"])
+    key = (
+        pl.when(ended)
+        .then(pl.col("stop_reason") + ": " + pl.col("last_token"))
+        .otherwise(pl.col("stop_reason"))
+    )
+
+    def shares(frame: pl.DataFrame, col: pl.Expr) -> dict[str, float]:
+        counts = frame.group_by(col.alias("end")).len().sort(["len", "end"], descending=[True, False])
+        return {row["end"]: row["len"] / max(frame.height, 1) for row in counts.iter_rows(named=True)}
+
+    real = rollouts.group_by("sample").agg(pl.col("true_outcome").first())
+    return {"rollouts": shares(rollouts, key), "real": shares(real, pl.col("true_outcome").fill_null(""))}
+
+
+def unreal_ends(ends: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The rollout endings (outcome or stop token) no real timeline of the samples ends on, with at least
+    UNREAL_END_WARNING of the rollouts."""
+    out = {}
+    for end, share in ends["rollouts"].items():
+        token = end.split(": ", 1)[1] if ": " in end else None
+        if token is not None and token not in ends["real"] and share >= UNREAL_END_WARNING:
+            out[end] = share
+    return out
+
+
 def clean_json(obj):
     """NaN -> None, so metrics.json is strict JSON."""
     if isinstance(obj, dict):
@@ -78,6 +116,7 @@ def unit_summary(scored: pl.DataFrame, rollouts: pl.DataFrame, threshold: float,
             y, p, groups=kept["subject_id"].to_numpy(), threshold=threshold, n_boot=n_boot
         ),
         "stop_reasons": stop_reason_fractions(rollouts),
+        "ends": ending_shares(rollouts),
         "rollouts": {
             "n": rollouts.height,
             "unfinished": int((rollouts["stop_reason"] == "unfinished").sum()),
@@ -178,6 +217,31 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
             f"| {name} | {fr} | {ro['unfinished']} | {ro['counted']} / {ro['n']} | {ro['mean_tokens']:.1f} | "
             f"{ro['median_elapsed_days_finished']:.2f} / {ro['median_true_elapsed_days']:.2f} |"
         )
+    ends = {name: r["ends"] for name, r in results.items() if r.get("ends")}
+    if ends:
+        lines += [
+            "",
+            "## Where rollouts ended, beside the real timelines (share)",
+            "",
+            "The token each rollout ended on (or its other reason), and the real ending of the same samples: "
+            "an ending the real timelines never have is a trajectory the model made up.",
+            "",
+            "| task | rollouts | real timelines |",
+            "|---|---|---|",
+        ]
+
+        def cell(shares: dict[str, float]) -> str:
+            return ", ".join(f"{k or '(timeline ends)'} {v:.1%}" for k, v in shares.items())
+
+        for name, e in ends.items():
+            lines.append(f"| {name} | {cell(e['rollouts'])} | {cell(e['real'])} |")
+        for name, e in ends.items():
+            for end, share in unreal_ends(e).items():
+                lines += [
+                    "",
+                    f"Warning: {share:.0%} of {name}'s rollouts end on {end!r}, which no real timeline of "
+                    "these samples ends on.",
+                ]
     refs = {name: r["reference"] for name, r in results.items() if r.get("reference")}
     if refs:
         names = sorted({k for ref in refs.values() for k in ref if k != "matched"}, key=_reference_order)
