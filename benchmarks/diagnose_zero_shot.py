@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,30 @@ def rollout_ends(eval_dir: Path, task: str) -> tuple[dict[str, float], dict[str,
     discharge."""
     ends = ending_shares(pl.read_parquet(eval_dir / task / "rollouts.parquet"))
     return ends["rollouts"], ends["real"]
+
+
+def auroc_by_rollouts(eval_dir: Path, task: str, ks: tuple[int, ...] = (5, 10, 20), draws: int = 200) -> dict:
+    """The zero-shot AUROC had each sample's probability come from k of its rollouts (a random subset per
+    draw, of those that count; mean over draws): how much more rollouts would add, read off the slope.
+    Row i of `samples.parquet` is the rollouts' sample i."""
+    r = pl.read_parquet(eval_dir / task / "rollouts.parquet")
+    labels = pl.read_parquet(eval_dir / task / "samples.parquet")["boolean_value"].to_numpy()
+    k_max = int(r["rollout"].max()) + 1
+    hits = np.full((len(labels), k_max), np.nan)  # 1 / 0 per counted rollout, NaN where it does not count
+    counted = r.filter(pl.col("counted"))
+    hits[counted["sample"].to_numpy(), counted["rollout"].to_numpy()] = counted["positive"].to_numpy()
+    rng = np.random.default_rng(0)
+    out = {}
+    for k in (k for k in ks if k <= k_max):
+        values = []
+        for _ in range(1 if k == k_max else draws):
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a sample none of whose k rollouts counts
+                p = np.nanmean(hits[:, rng.permutation(k_max)[:k]], axis=1)
+            keep = ~np.isnan(p)
+            values.append(auroc(labels[keep], p[keep]))
+        out[k] = float(np.mean(values))
+    return out
 
 
 def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
@@ -173,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             ends, real = rollout_ends(eval_dir, args.task)
             print("rollouts ended: " + " | ".join(f"{k} {v:.1%}" for k, v in ends.items()))
             print("real timelines ended: " + " | ".join(f"{k} {v:.1%}" for k, v in real.items()))
+            by_k = auroc_by_rollouts(eval_dir, args.task)
+            print(
+                "zero-shot AUROC from K of the rollouts (all the task's samples): "
+                + " | ".join(f"K = {k} {v:.3f}" for k, v in by_k.items())
+            )
     return 0
 
 

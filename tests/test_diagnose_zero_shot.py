@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from diagnose_zero_shot import condition_effects, diagnose, rollout_ends, samples_with_truth
+from diagnose_zero_shot import (
+    auroc_by_rollouts,
+    condition_effects,
+    diagnose,
+    rollout_ends,
+    samples_with_truth,
+)
 
 HOUR = 3_600_000_000
 
@@ -130,3 +138,29 @@ def test_rollout_ends_count_each_ending_beside_the_real_ones(tmp_path: Path) -> 
     }
     assert next(iter(ends)) == "stop: ICU_DISCHARGE"  # largest first
     assert real == {"ICU_DISCHARGE": 0.75, "MEDS_DEATH": 0.25}
+
+
+def test_auroc_by_rollouts_rises_toward_the_full_estimate(tmp_path: Path) -> None:
+    """Each sample's rollouts are positive with its true risk: fewer rollouts, a noisier probability, a
+    lower AUROC; all of them give the evaluation's own probability."""
+    rng = np.random.default_rng(0)
+    n, k = 300, 20
+    risk = rng.uniform(0.05, 0.95, n)
+    y = rng.random(n) < risk
+    positive = rng.random((n, k)) < risk[:, None]
+    counted = np.ones((n, k), dtype=bool)
+    counted[0, :] = False  # a sample none of whose rollouts counts is left out
+    task = tmp_path / "eval" / "icu_mortality"
+    task.mkdir(parents=True)
+    pl.DataFrame({"boolean_value": y}).write_parquet(task / "samples.parquet")
+    pl.DataFrame(
+        {
+            "sample": np.repeat(np.arange(n), k),
+            "rollout": np.tile(np.arange(k), n),
+            "positive": positive.ravel(),
+            "counted": counted.ravel(),
+        }
+    ).write_parquet(task / "rollouts.parquet")
+    by_k = auroc_by_rollouts(tmp_path / "eval", "icu_mortality", ks=(2, 5, 20), draws=50)
+    assert by_k[2] < by_k[5] < by_k[20]
+    assert by_k[20] == pytest.approx(roc_auc_score(y[1:], positive[1:].mean(axis=1)))
