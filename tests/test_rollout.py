@@ -32,7 +32,7 @@ from mmehr.evaluate.sampler import (
     SamplerSettings,
     sample_rollouts,
 )
-from mmehr.evaluate.scoring import cohort_members, ending_shares, unreal_ends
+from mmehr.evaluate.scoring import cohort_members, ending_shares, unreal_end_warnings
 from mmehr.evaluate.tasks import TaskTokens, load_task, task_samples
 from mmehr.model.config import FusionConfig, ModalityConfig, ModelConfig
 from mmehr.model.gpt import GPT
@@ -423,6 +423,7 @@ def test_evaluate_writes_meds_predictions_that_meds_evaluation_accepts(checkpoin
     assert "unfinished (n)" in (out / "summary.md").read_text()
     # Where the rollouts ended, beside the real endings of the same samples (one per sample).
     ends, real = metrics["ends"]["rollouts"], metrics["ends"]["real"]
+    assert metrics["ends"]["samples"] == labels.height
     assert sum(ends.values()) == pytest.approx(1.0) and sum(real.values()) == pytest.approx(1.0)
     by_outcome = sum(v for k, v in ends.items() if k.startswith("outcome: "))
     assert by_outcome == pytest.approx((rollouts["stop_reason"] == "outcome").mean())
@@ -676,23 +677,31 @@ def test_rollouts_do_not_depend_on_the_thread_count():
 
 
 def test_an_ending_no_real_timeline_has_is_flagged():
-    # 20 ICU-mortality samples, 2 rollouts each: the real stays end in an ICU discharge or a death, and 3
-    # rollouts (7.5%) leave the ICU through a hospital discharge, a trajectory the data never has.
-    n = 20
-    stop = ["stop"] * 30 + ["outcome"] * 7 + ["stop"] * 3
-    last = ["ICU_DISCHARGE"] * 30 + ["MEDS_DEATH"] * 7 + ["DISCHARGE_LOCATION//HOME"] * 3
+    # 100 ICU-mortality samples, 2 rollouts each: the real stays end in an ICU discharge or a death, and 15
+    # rollouts (7.5 %) leave the ICU through a hospital discharge, a trajectory the data never has.
+    n = 100
+    stop = ["stop"] * 150 + ["outcome"] * 35 + ["stop"] * 15
+    last = ["ICU_DISCHARGE"] * 150 + ["MEDS_DEATH"] * 35 + ["DISCHARGE_LOCATION//HOME"] * 15
     rollouts = pl.DataFrame(
         {
             "sample": np.repeat(np.arange(n), 2),
             "stop_reason": stop,
             "last_token": last,
-            "true_outcome": np.repeat(["ICU_DISCHARGE"] * 12 + ["MEDS_DEATH"] * 8, 2),
+            "true_outcome": np.repeat(["ICU_DISCHARGE"] * 60 + ["MEDS_DEATH"] * 40, 2),
         }
     )
     ends = ending_shares(rollouts)
-    assert ends["real"] == {"ICU_DISCHARGE": 0.6, "MEDS_DEATH": 0.4}  # per sample, not per rollout
+    assert ends["real"] == {"ICU_DISCHARGE": 0.6, "MEDS_DEATH": 0.4} and ends["samples"] == n  # per sample
     assert ends["rollouts"]["stop: DISCHARGE_LOCATION//HOME"] == pytest.approx(0.075)
-    assert unreal_ends(ends) == {"stop: DISCHARGE_LOCATION//HOME": pytest.approx(0.075)}
-    # Below 5 % of the rollouts, a rare ending is not flagged (a small sample may lack a real one).
-    rare = rollouts.with_columns(pl.Series("last_token", last[:-2] + ["ICU_DISCHARGE"] * 2))
-    assert unreal_ends(ending_shares(rare)) == {}
+    (warning,) = unreal_end_warnings("icu_mortality", ends)
+    assert warning.startswith("8% of icu_mortality's rollouts end on DISCHARGE_LOCATION//HOME")
+    # Where the rollouts' share predicts fewer than 5 such real endings, a small sample may lack a real
+    # one by chance: 3 of 40 rollouts (7.5 %) on 20 samples predict 1.5, and are not flagged.
+    small = rollouts.head(40).with_columns(
+        pl.Series("last_token", ["ICU_DISCHARGE"] * 37 + ["DISCHARGE_LOCATION//HOME"] * 3)
+    )
+    assert ending_shares(small)["rollouts"]["stop: DISCHARGE_LOCATION//HOME"] == pytest.approx(0.075)
+    assert unreal_end_warnings("icu_mortality", ending_shares(small)) == []
+    # An outcome the samples happen not to have is a prediction, not a made-up trajectory.
+    no_deaths = rollouts.with_columns(pl.lit("ICU_DISCHARGE").alias("true_outcome"))
+    assert all("MEDS_DEATH" not in w for w in unreal_end_warnings("icu_mortality", ending_shares(no_deaths)))

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves, recorded_sampled_auroc
-from mmehr.evaluate.scoring import unreal_ends
+from mmehr.evaluate.scoring import unreal_end_warnings
 from mmehr.io import atomic_path, is_complete
 
 if TYPE_CHECKING:
@@ -171,9 +171,8 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
                 cells += " | — | —"
             row = f"| {name} | {r['n_samples']} | {r['n_positive']} | {cells} |"
             made_up += [
-                f"- Warning: {share:.0%} of {name}'s rollouts end on `{end}`, which no real timeline of these "
-                "samples ends on (its evaluation details: where rollouts ended)."
-                for end, share in unreal_ends(r.get("ends") or {"rollouts": {}, "real": {}}).items()
+                f"- Warning: {w} (its evaluation details: where rollouts ended)."
+                for w in unreal_end_warnings(name, r.get("ends"))
             ]
             pred = _predictions(d, task)
             if baseline:

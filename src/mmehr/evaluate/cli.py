@@ -18,7 +18,13 @@ from mmehr.distributed import Distributed, set_threads
 from mmehr.evaluate.pipeline import evaluate
 from mmehr.evaluate.runner import EvalData
 from mmehr.evaluate.sampler import UNFINISHED_WARNING, SamplerSettings
-from mmehr.evaluate.scoring import DEFAULT_COHORTS, EvalOptions, fixed_threshold, format_ci, unreal_ends
+from mmehr.evaluate.scoring import (
+    DEFAULT_COHORTS,
+    EvalOptions,
+    fixed_threshold,
+    format_ci,
+    unreal_end_warnings,
+)
 from mmehr.evaluate.tasks import load_task
 from mmehr.model.gpt import GPT
 from mmehr.runconfig import TrainConfig, modality_stores
@@ -253,12 +259,8 @@ def run(args: argparse.Namespace) -> int:
                 f"stop {s['stop']:.0%}, timeline end {s['timeline_end']:.0%}, time limit {s['time_limit']:.0%}, "
                 f"unfinished {r['rollouts']['unfinished']} ({s['unfinished']:.1%})"
             )
-            for end, share in unreal_ends(r["ends"]).items():
-                print(
-                    f"  warning: {share:.0%} of {name}'s rollouts end on {end!r}, which no real timeline of "
-                    "these samples ends on (summary.md: where rollouts ended)",
-                    file=sys.stderr,
-                )
+            for w in unreal_end_warnings(name, r["ends"]):
+                print(f"  warning: {w} (summary.md: where rollouts ended)", file=sys.stderr)
             if s["unfinished"] > UNFINISHED_WARNING:
                 print(
                     f"  warning: {s['unfinished']:.0%} of {name}'s rollouts reached the safety cap of "

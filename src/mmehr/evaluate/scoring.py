@@ -46,18 +46,20 @@ def stop_reason_fractions(rollouts: pl.DataFrame) -> dict[str, float]:
     return {r: counts.get(r, 0) / n for r in STOP_REASONS}
 
 
-# A rollout ending that no real timeline of the same samples ends on, in at least this share of the
-# rollouts, is flagged in summary.md: a trajectory the model makes up (e.g. an ICU stay left through a
-# hospital discharge without an ICU discharge, README: "Media after the prediction time").
-UNREAL_END_WARNING = 0.05
+# A stop no real timeline of the same samples ends on is flagged (summary.md, the report, `mmehr
+# evaluate`'s output) when the rollouts' share of it predicts at least this many such real endings among the
+# samples: a trajectory the model makes up (e.g. an ICU stay left through a hospital discharge without an
+# ICU discharge, README: "Media after the prediction time"), not a rare ending a small sample lacks (a
+# real share p would leave none of n samples with probability (1 - p)^n <= e^-5).
+UNREAL_END_EXPECTED = 5.0
 
 
-def ending_shares(rollouts: pl.DataFrame) -> dict[str, dict[str, float]]:
+def ending_shares(rollouts: pl.DataFrame) -> dict:
     """How the rollouts ended and how the real timelines of the same samples did, as shares, largest
     first: `rollouts` by the outcome or stop token a rollout ended on ("outcome: MEDS_DEATH", "stop:
     ICU_DISCHARGE") or its other reason (time_limit, timeline_end, unfinished); `real` by each sample's
-    real ending token ("" where its timeline ends first). Side by side they show the trajectories the
-    model makes up."""
+    real ending token ("" where its timeline ends first); `samples` their number. Side by side they show
+    the trajectories the model makes up."""
     ended = pl.col("stop_reason").is_in(["outcome", "stop"])
     key = (
         pl.when(ended)
@@ -70,18 +72,26 @@ def ending_shares(rollouts: pl.DataFrame) -> dict[str, dict[str, float]]:
         return {row["end"]: row["len"] / max(frame.height, 1) for row in counts.iter_rows(named=True)}
 
     real = rollouts.group_by("sample").agg(pl.col("true_outcome").first())
-    return {"rollouts": shares(rollouts, key), "real": shares(real, pl.col("true_outcome").fill_null(""))}
+    return {
+        "rollouts": shares(rollouts, key),
+        "real": shares(real, pl.col("true_outcome").fill_null("")),
+        "samples": real.height,
+    }
 
 
-def unreal_ends(ends: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The rollout endings (outcome or stop token) no real timeline of the samples ends on, with at least
-    UNREAL_END_WARNING of the rollouts."""
-    out = {}
-    for end, share in ends["rollouts"].items():
-        token = end.split(": ", 1)[1] if ": " in end else None
-        if token is not None and token not in ends["real"] and share >= UNREAL_END_WARNING:
-            out[end] = share
-    return out
+def unreal_end_warnings(name: str, ends: dict | None) -> list[str]:
+    """One sentence per stop token the rollouts of task `name` end on that no real timeline of its samples
+    does, where the rollouts' share predicts at least UNREAL_END_EXPECTED of them (`ending_shares`)."""
+    if not ends:
+        return []
+    return [
+        f"{share:.0%} of {name}'s rollouts end on {end.removeprefix('stop: ')}, which no real timeline of "
+        f"these {ends['samples']} samples ends on"
+        for end, share in ends["rollouts"].items()
+        if end.startswith("stop: ")
+        and end.removeprefix("stop: ") not in ends["real"]
+        and share * ends["samples"] >= UNREAL_END_EXPECTED
+    ]
 
 
 def clean_json(obj):
@@ -236,12 +246,7 @@ def summary_markdown(results: dict[str, dict], header: dict) -> str:
         for name, e in ends.items():
             lines.append(f"| {name} | {cell(e['rollouts'])} | {cell(e['real'])} |")
         for name, e in ends.items():
-            for end, share in unreal_ends(e).items():
-                lines += [
-                    "",
-                    f"Warning: {share:.0%} of {name}'s rollouts end on {end!r}, which no real timeline of "
-                    "these samples ends on.",
-                ]
+            lines += [line for w in unreal_end_warnings(name, e) for line in ("", f"Warning: {w}.")]
     refs = {name: r["reference"] for name, r in results.items() if r.get("reference")}
     if refs:
         names = sorted({k for ref in refs.values() for k in ref if k != "matched"}, key=_reference_order)
