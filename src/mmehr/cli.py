@@ -13,7 +13,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mmehr.demo", "run every stage on the embedded data and write a report"),
+    "demo": ("mmehr.demo", "run every stage on a generated synthetic cohort and write a report"),
     "synth": (
         "mmehr.data.synthetic.cli",
         "write a synthetic multimodal MEDS cohort with planted ground truth",
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmehr {name}: interrupted; completed outputs are kept, rerun to resume.", file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Errors raised on purpose carry an actionable message; a traceback would hide it.
-        if "--debug" in rest or __debug_enabled():
+        # Errors raised on purpose carry an actionable message; a traceback would hide it (MMEHR_DEBUG=1
+        # shows it).
+        if __debug_enabled():
             raise
         print(f"mmehr {name}: error: {e}", file=sys.stderr)
         return 1

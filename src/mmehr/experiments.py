@@ -10,7 +10,8 @@ compression method, k, l, ...), and the tables to build from them:
     seeds: [0, 1]
     set: ["optim.max_steps=600"]       # overrides for every run
     runs:
-      ehr_only: ["model.fusion.modalities={}"]
+      ehr_only: [data.modalities.ecg.enabled=false, data.modalities.cxr.enabled=false,
+                 data.modalities.note.enabled=false]
       notes: [...]
     knockout: [all_three]              # runs also evaluated with each modality hidden
     compare: [[notes, ehr_only]]       # paired AUROC differences, pooled over seeds

@@ -157,7 +157,7 @@ class PerceiverResampler(nn.Module):
     for the media plus, whichever is cheaper (`fold_media_kv`, fixed by the sizes): the media keys/values
     once, O(N D^2), and O(n_latent_layers N n_latents D) for attention; or the projection folded into the
     queries (`FoldedMedia`), O(n_latent_layers n_head n_latents N D). Not O(n_latent_layers N D^2) as with
-    Flamingo's per-layer media projections. With one layer (l = 1, the demo and the paper's default) the
+    Flamingo's per-layer media projections. With one layer (l = 1, the demo's; the paper chose l = 4) the
     two are the same computation; with l > 1 they differ, not measured for quality (docs/architecture.md).
     """
 
