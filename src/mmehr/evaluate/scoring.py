@@ -81,8 +81,9 @@ def ending_shares(rollouts: pl.DataFrame) -> dict:
 
 def unreal_end_warnings(name: str, ends: dict | None) -> list[str]:
     """One sentence per stop token the rollouts of task `name` end on that no real timeline of its samples
-    does, where the rollouts' share predicts at least UNREAL_END_EXPECTED of them (`ending_shares`)."""
-    if not ends:
+    does, where the rollouts' share predicts at least UNREAL_END_EXPECTED of them (`ending_shares`). None
+    for an evaluation that recorded no endings, or (written at 3de4120, before 6981117) not their count."""
+    if not ends or "samples" not in ends:
         return []
     return [
         f"{share:.0%} of {name}'s rollouts end on {end.removeprefix('stop: ')}, which no real timeline of "
