@@ -78,8 +78,8 @@ def test_only_picks_study_runs_and_needs_study(tmp_path):
 
 
 def test_the_study_commands_cover_both_tables_between_them():
-    """`make study`, `make study-table2`, `-table1`, `-table1-latent` and `-table1-k16` each train a part of the study grid
-    (to stay under 2 hours); between them every run of its tables, each once."""
+    """`make study`, `make study-table2`, `-table1`, `-table1-latent` and `-table1-k16` each train a part of
+    the study grid (to stay under 2 hours); between them every run of its tables, each once."""
     import re
     from pathlib import Path
 
