@@ -14,8 +14,11 @@ deterioration; for the mortality tasks the same AUROCs with the deaths split by 
 prediction time they come (each group against all survivors: labs worsen over the 36 h before a death);
 and how well each prediction follows each hidden condition (AUROC of the prediction for the
 condition; 0.5: not at all), beside the oracles' (the EHR part plus the whole hidden part, or plus one
-condition's share: what a model that weighs the conditions it sees as planted would show); last, how
-the rollouts ended (by the token they stopped on) beside how the real timelines did. This is how the
+condition's share: what a model that weighs the conditions it sees as planted would show); then how much
+each prediction weighs each part (its log-odds fitted by least squares on the EHR part and the three
+conditions: each condition's weight in units of the EHR part's, beside the planted ratio, and the share of
+the log-odds the planted parts explain: a model can weigh a condition as planted and still rank worse if
+it reads the EHR part less or adds noise); last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This is how the
 ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts were found to
 leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction time").
 
@@ -118,9 +121,35 @@ def auroc_by_rollouts(eval_dir: Path, task: str, ks: tuple[int, ...] = (5, 10, 2
     return out
 
 
-def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
-    """AUROCs, rank correlations and condition-following of one task's samples (`samples_with_truth`);
-    cfg: the synth manifest's config (the planted strengths)."""
+STRENGTHS = dict(zip(CONDITIONS, ("ecg_strength", "cxr_strength", "note_strength"), strict=True))
+
+
+def log_odds(p: np.ndarray, rollouts: int | None) -> np.ndarray:
+    """A probability's log-odds; from `rollouts` sampled futures (p = hits / rollouts), the empirical
+    logit log((hits + 1/2) / (misses + 1/2)), finite at 0 and 1; else clipped to [1e-4, 1 - 1e-4]."""
+    if rollouts:
+        return np.log((p * rollouts + 0.5) / ((1 - p) * rollouts + 0.5))
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def planted_weights(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, cfg: dict) -> dict:
+    """Least squares z ~ 1 + EHR part + af + opacity + symptom. Returns the EHR part's weight, each
+    condition's weight divided by it beside the planted ratio (its strength: the EHR part is in planted
+    log-odds already), and R^2 (the share of z's variance the planted parts explain)."""
+    x = np.column_stack([np.ones_like(ehr), ehr, *(d[c].cast(pl.Float64).to_numpy() for c in CONDITIONS)])
+    beta = np.linalg.lstsq(x, z, rcond=None)[0]
+    r2 = 1 - float(((z - x @ beta) ** 2).sum() / ((z - z.mean()) ** 2).sum())
+    out = {"EHR part": float(beta[1]), "r2": r2}
+    for c, b in zip(CONDITIONS, beta[2:], strict=True):
+        out[c] = (float(b / beta[1]) if beta[1] else np.nan, float(cfg.get(STRENGTHS[c], np.nan)))
+    return out
+
+
+def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None) -> dict:
+    """AUROCs, rank correlations, condition-following and planted weights of one task's samples
+    (`samples_with_truth`); cfg: the synth manifest's config (the planted strengths); rollouts: the
+    evaluation's K (the zero-shot probability's resolution, for its log-odds)."""
     y = d["boolean_value"].to_numpy()
     ehr = cfg["ehr_strength"] * d["visible_risk"].to_numpy()
     det = None
@@ -155,10 +184,14 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict) -> dict:
     # An oracle's own following is the most a model that weighs each condition as planted can show: with
     # every condition (an all-modality run), or with one (a run that sees that modality alone).
     oracle = {**preds, "oracle: EHR + hidden": ehr + d["hidden_risk"].to_numpy()}
-    for c, strength in zip(CONDITIONS, ("ecg_strength", "cxr_strength", "note_strength"), strict=True):
+    for c, strength in STRENGTHS.items():
         if strength in cfg:
             oracle[f"oracle: EHR + {c}"] = ehr + cfg[strength] * d[c].cast(pl.Float64).to_numpy()
     out["follows"] = {f"{k} ~ {c}": auroc(d[c].to_numpy(), v) for c in CONDITIONS for k, v in oracle.items()}
+    out["weights"] = {
+        k: planted_weights(log_odds(v, rollouts if k == "zero_shot" else None), ehr, d, cfg)
+        for k, v in preds.items()
+    }
     return out
 
 
@@ -187,13 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.evals:
         ap.error("give evaluation directories, --condition-effects, or both")
     for eval_dir in args.evals:
-        r = diagnose(samples_with_truth(eval_dir, args.task, truth), args.task, cfg)
+        manifest = (
+            json.loads((eval_dir / "manifest.json").read_text())
+            if (eval_dir / "manifest.json").is_file()
+            else {}
+        )
+        rollouts = manifest.get("sampler", {}).get("n_rollouts")
+        r = diagnose(samples_with_truth(eval_dir, args.task, truth), args.task, cfg, rollouts)
         print(f"\n## {eval_dir} ({args.task}: n = {r['n']}, {r['positive']} positive)")
         print(" | ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
         print(" | ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("spearman")))
         for key in (k for k in r if k.startswith("auroc, ")):
             print(f"{key[7:]}: " + " | ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
         print("follows: " + " | ".join(f"{k} {v:.2f}" for k, v in r["follows"].items() if not np.isnan(v)))
+        for k, w in r["weights"].items():
+            cells = " | ".join(f"{c} {w[c][0]:+.2f} x EHR (planted {w[c][1]:.1f})" for c in CONDITIONS)
+            print(f"weighs ({k} log-odds): EHR part {w['EHR part']:.3f} | {cells} | R2 {w['r2']:.2f}")
         if (eval_dir / args.task / "rollouts.parquet").is_file():
             ends, real = rollout_ends(eval_dir, args.task)
             print("rollouts ended: " + " | ".join(f"{k} {v:.1%}" for k, v in ends.items()))

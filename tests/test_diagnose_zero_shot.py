@@ -15,6 +15,8 @@ from diagnose_zero_shot import (
     auroc_by_rollouts,
     condition_effects,
     diagnose,
+    log_odds,
+    planted_weights,
     rollout_ends,
     samples_with_truth,
 )
@@ -164,3 +166,26 @@ def test_auroc_by_rollouts_rises_toward_the_full_estimate(tmp_path: Path) -> Non
     by_k = auroc_by_rollouts(tmp_path / "eval", "icu_mortality", ks=(2, 5, 20), draws=50)
     assert by_k[2] < by_k[5] < by_k[20]
     assert by_k[20] == pytest.approx(roc_auc_score(y[1:], positive[1:].mean(axis=1)))
+
+
+def test_planted_weights_read_each_condition_in_units_of_the_ehr_part() -> None:
+    """A prediction that weighs AF as planted but reads the EHR part at half strength and adds noise shows
+    AF at twice the planted ratio and a lower R^2; a noise-free planted one shows the planted ratios, R^2 1."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    truth = _truth(n, rng)
+    ehr = 2.5 * truth["visible_risk"].to_numpy()
+    af = truth["af"].cast(pl.Float64).to_numpy()
+    cfg = {"ecg_strength": 3.5, "cxr_strength": 3.5, "note_strength": 3.5}
+    exact = planted_weights(0.3 * (ehr + 3.5 * af) - 1.0, ehr, truth, cfg)
+    assert exact["EHR part"] == pytest.approx(0.3) and exact["r2"] == pytest.approx(1.0)
+    assert exact["af"] == pytest.approx((3.5, 3.5)) and abs(exact["opacity"][0]) < 1e-9
+    noisy = planted_weights(0.15 * ehr + 0.3 * 3.5 * af + rng.normal(0, 0.5, n), ehr, truth, cfg)
+    assert noisy["EHR part"] == pytest.approx(0.15, abs=0.01)
+    assert noisy["af"][0] == pytest.approx(7.0, rel=0.1) and noisy["r2"] < 0.9
+
+
+def test_log_odds_of_rollout_fractions_stay_finite() -> None:
+    z = log_odds(np.array([0.0, 0.5, 1.0]), rollouts=20)
+    assert z[1] == 0.0 and z[0] == pytest.approx(-np.log(41)) and z[2] == -z[0]
+    assert np.isfinite(log_odds(np.array([0.0, 1.0]), rollouts=None)).all()
