@@ -18,9 +18,11 @@ condition's share: what a model that weighs the conditions it sees as planted wo
 each prediction weighs each part (its log-odds fitted by least squares on the EHR part and the three
 conditions: each condition's weight in units of the EHR part's, beside the planted ratio, and the share of
 the log-odds the planted parts explain: a model can weigh a condition as planted and still rank worse if
-it reads the EHR part less or adds noise); last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This is how the
-ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts were found to
-leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction time").
+it reads the EHR part less or adds noise: how the ECG run's ICU-admission loss was traced, README, Table
+2); last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This
+is how the ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts
+were found to leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction
+time").
 
 With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
 each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
