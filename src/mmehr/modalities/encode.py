@@ -260,7 +260,10 @@ def encode_events(
 
     `load_payload(events_dir, row)` reads one payload (default: `load_event_payload`); a payload that
     fails to load (OSError/ValueError/KeyError) or validate is recorded in skipped.parquet, not fatal,
-    and is not retried by a rerun (delete the store to retry).
+    and is not retried by a rerun (delete the store to retry). It runs in `workers` threads at once, so
+    it must be thread-safe: `np.load` is not on CPython before 3.11.8 / 3.12.1 (its header parse,
+    `ast.literal_eval`, can raise SystemError under threads: python/cpython#106905); there, pass
+    `workers=0` or read .npy payloads another way.
     """
     if batch_size < 1 or shard_events < 1 or stride_pool < 1 or (max_tokens is not None and max_tokens < 1):
         raise ValueError("batch_size, shard_events, stride_pool and max_tokens must be positive")
