@@ -124,7 +124,9 @@ class PooledEvents:
         return out
 
 
-def _fit_predict(x_train, y_train, groups, x_eval) -> tuple[np.ndarray, float]:
+def fit_predict(
+    x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_eval: np.ndarray
+) -> tuple[np.ndarray, float]:
     """L2 logistic regression, C by 3-fold subject-grouped CV AUROC on train; -> (eval probabilities, C)."""
     if y_train.min() == y_train.max():  # one class in train: nothing to learn
         return np.full(x_eval.shape[0], float(y_train.mean()), dtype=np.float32), float("nan")
@@ -193,7 +195,7 @@ def fit_references(
         names = list(evaluated)
         x_eval = [_features([ehr_eval[n], *(mods_eval[m][n] for m in mods)], sparse=True) for n in names]
         stacked = sp.vstack(x_eval, format="csr")
-        p, _ = _fit_predict(x_train, y, groups, stacked)
+        p, _ = fit_predict(x_train, y, groups, stacked)
         bounds = np.cumsum([0] + [x.shape[0] for x in x_eval])
         out[ref] = {n: p[bounds[j] : bounds[j + 1]] for j, n in enumerate(names)}
     return out

@@ -3,6 +3,7 @@
     model = GPT(ModelConfig(...))                      # EHR-only when config.fusion.modalities is empty
     model = GPT(config, encoders={"note": module})      # a finetuned modality's encoder runs inside
     logits, loss = model(tokens, times, modalities, targets=targets, loss_mask=loss_mask)    # training
+    h = model.states(tokens, times, modalities)     # the final hidden states the logits read (probes)
 
     cache = model.new_cache(B, max_len)                                                    # generation
     last = model.prefill(tokens, times, cache, modalities=modalities, lengths=lengths, prefix=n_static)
@@ -102,6 +103,19 @@ class GPT(nn.Module):
         padding and static context); see `next_token_loss`. `media` (from encode_media) replaces
         `modalities` when the same media serve several calls.
         """
+        logits = self.lm_head(self.states(tokens, times, modalities, media=media))  # (B, T, V)
+        loss = None if targets is None else next_token_loss(logits, targets, loss_mask)
+        return logits, loss
+
+    def states(
+        self,
+        tokens: Tensor,
+        times: Tensor | None = None,
+        modalities: dict[str, ModalityInputs] | None = None,
+        *,
+        media: Media | None = None,
+    ) -> Tensor:
+        """tokens, times (B, T) -> the final hidden states (B, T, D) that `forward`'s logits read."""
         B, T = tokens.shape
         if self.config.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -114,10 +128,7 @@ class GPT(nn.Module):
             ctx = self.fusion.context(times, media=media, cutoff=cutoff)
         elif modalities:
             raise ValueError(f"modalities {sorted(modalities)} given to a model without modalities")
-        x = self.hidden(tokens, torch.arange(T, device=tokens.device), ctx=ctx)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None if targets is None else next_token_loss(logits, targets, loss_mask)
-        return logits, loss
+        return self.hidden(tokens, torch.arange(T, device=tokens.device), ctx=ctx)
 
     # -- generation --
     def new_cache(

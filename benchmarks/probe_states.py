@@ -1,0 +1,180 @@
+"""What a trained decoder's state holds at each prediction time, read by linear probes.
+
+    python benchmarks/probe_states.py --synth demo_out/synth --task icu_admission --out probes.json \
+        demo_out/experiments/runs/ehr_only/seed0 demo_out/experiments/runs/ecg_patch/seed0
+
+For each RUN (its `train/` checkpoint), the task's samples are built as `mmehr evaluate` builds them
+(the same contexts: the held-out split's first `--max-samples`, the context length the evaluation
+defaults to, the modality events strictly before each prediction time) and the decoder's final hidden
+state at each context's last token (the state every rollout starts from) is read. Probes fit on the train
+split's samples (`--train-samples`) and scored on the held-out ones: a logistic probe of the task's
+outcome (AUROC) and of each hidden condition (AF, opacity, symptom: AUROC), and a ridge probe of the
+planted EHR part (ehr_strength x (0.5 frailty + acute); R^2), on the standardised states; the logistic
+probes are fit as the supervised reference is (C by subject-grouped CV), the ridge's alpha by
+leave-one-out CV. `--hide MOD` hides a modality, as
+`mmehr evaluate --hide-modality` does.
+
+Beside the run's zero-shot AUROC (the same held-out samples, from `RUN/eval`) the outcome probe tells what
+the state holds from what the rollouts make of it: a probe above the zero-shot means information is in
+the state that sampling the future does not use. A condition probe at 0.5 means the modality's condition
+never reached the decoder; the EHR part's R^2 says how well the state reads the EHR. Writes JSON
+(`--out`) and prints a markdown table. This is how the multimodal runs' weaker EHR reading was placed
+after the state, in the rollouts (README, Table 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from sklearn.linear_model import RidgeCV
+
+from mmehr.checkpoint import load_model
+from mmehr.data.timelines import TimelineStore
+from mmehr.evaluate.cli import eval_data_from_config
+from mmehr.evaluate.metrics import auroc
+from mmehr.evaluate.reference import fit_predict
+from mmehr.evaluate.runner import EvalData, chunk_contexts, visible_stores
+from mmehr.evaluate.tasks import TaskConfig, load_task, task_samples
+from mmehr.model.gpt import GPT
+from mmehr.report import join_stays
+
+CONDITIONS = ("af", "opacity", "symptom")
+
+
+@torch.no_grad()
+def context_states(
+    model: GPT,
+    data: EvalData,
+    task: TaskConfig,
+    split: str,
+    *,
+    hidden: tuple[str, ...] = (),
+    max_samples: int | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """The task's samples on `split` (`task_samples`, as the evaluation draws them) and the model's final
+    hidden state at each context's last token, (N, D) float32, row i for sample i."""
+    model.eval()
+    store = TimelineStore(data.timelines, split)
+    samples = task_samples(task, store, max_samples=max_samples)
+    stores = visible_stores(data, hidden)
+    out = []
+    for start in range(0, samples.height, batch_size):
+        batch = chunk_contexts(store, samples.slice(start, batch_size), data, stores)
+        h = model.states(batch.tokens, batch.times, batch.modalities or None)  # right-padded rows
+        out.append(h[torch.arange(len(batch)), batch.lengths - 1].float().numpy())
+    d = model.config.n_embd
+    return (np.concatenate(out) if out else np.zeros((0, d), np.float32)), samples
+
+
+def probe_auroc(
+    x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray
+) -> float:
+    """AUROC on the eval rows of a logistic probe fit on the train rows as the supervised reference is
+    (`mmehr.evaluate.reference.fit_predict`: L2, C by subject-grouped CV); NaN when a class has fewer than
+    5 train rows or the eval rows hold one class."""
+    y_train, y_eval = np.asarray(y_train, bool), np.asarray(y_eval, bool)
+    if min(y_train.sum(), (~y_train).sum()) < 5 or y_eval.all() or not y_eval.any():
+        return float("nan")
+    return auroc(y_eval, fit_predict(x_train, y_train.astype(int), groups, x_eval)[0])
+
+
+def probe_r2(x_train: np.ndarray, t_train: np.ndarray, x_eval: np.ndarray, t_eval: np.ndarray) -> float:
+    """R^2 on the eval rows of a ridge probe fit on the train rows (alpha by leave-one-out CV)."""
+    pred = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(x_train, t_train).predict(x_eval)
+    return float(1 - ((t_eval - pred) ** 2).sum() / ((t_eval - t_eval.mean()) ** 2).sum())
+
+
+def _with_truth(samples: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
+    """Each sample with its stay's truth row; `row` is the sample's index (samples outside a stay drop)."""
+    s = samples.with_row_index("row").with_columns(pl.col("prediction_time").cast(pl.Int64))
+    return join_stays(s, truth, time_col="prediction_time").sort("row")
+
+
+def probe_run(
+    run: Path, task: TaskConfig, truth: pl.DataFrame, cfg: dict, *, hidden: tuple[str, ...] = (),
+    train_samples: int = 800, max_samples: int = 200,
+) -> dict:  # fmt: skip
+    """Every probe of one run (`RUN/train`), beside its zero-shot AUROC on the same held-out samples."""
+    model, train_cfg = load_model(run / "train", "cpu")
+    data = eval_data_from_config(train_cfg, argparse.Namespace(context_tokens=None, timelines=None))
+    parts = {}
+    for split, n in (("train", train_samples), ("held_out", max_samples)):
+        x, samples = context_states(model, data, task, split, hidden=hidden, max_samples=n)
+        d = _with_truth(samples, truth)
+        parts[split] = (x[d["row"].to_numpy()], d)
+    (x_tr, d_tr), (x_ev, d_ev) = parts["train"], parts["held_out"]
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_ev = (x_tr - mu) / sd, (x_ev - mu) / sd
+    ehr = {k: cfg["ehr_strength"] * d["visible_risk"].to_numpy() for k, (_, d) in parts.items()}
+    groups = d_tr["subject_id"].to_numpy()
+    out = {
+        "run": str(run),
+        "hidden": list(hidden),
+        "n_train": d_tr.height,
+        "n_eval": d_ev.height,
+        "outcome": probe_auroc(x_tr, d_tr["boolean_value"], groups, x_ev, d_ev["boolean_value"]),
+        "ehr_part_r2": probe_r2(x_tr, ehr["train"], x_ev, ehr["held_out"]),
+    }
+    for c in CONDITIONS:
+        out[c] = probe_auroc(x_tr, d_tr[c].to_numpy(), groups, x_ev, d_ev[c].to_numpy())
+    pred = run / "eval" / task.name / "predictions.parquet"
+    if pred.is_file() and not hidden:  # the rollouts' AUROC on the same samples
+        p = pl.read_parquet(pred).with_columns(pl.col("prediction_time").cast(pl.Int64))
+        j = d_ev.join(p.select("subject_id", "prediction_time", "predicted_boolean_probability"),
+                      on=["subject_id", "prediction_time"])  # fmt: skip
+        out["zero_shot"] = auroc(j["boolean_value"].to_numpy(), j["predicted_boolean_probability"].to_numpy())
+    return out
+
+
+def markdown(records: list[dict], task: str) -> str:
+    head = "| run | n (train / eval) | zero-shot | probe: outcome | EHR part R² | " + " | ".join(CONDITIONS)
+    lines = [
+        f"Probes of the state at the prediction time, {task} (AUROC; R² for the EHR part)",
+        "",
+        head + " |",
+    ]
+    lines.append("|---" * (5 + len(CONDITIONS)) + "|")
+    for r in records:
+        name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
+        cells = [
+            f"{r.get(k, float('nan')):.3f}" for k in ("zero_shot", "outcome", "ehr_part_r2", *CONDITIONS)
+        ]
+        lines.append(f"| {name} | {r['n_train']} / {r['n_eval']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synth", type=Path, required=True, help="the `mmehr synth` output (truth.parquet)")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--hide", nargs="*", default=[], help="modalities to hide, as --hide-modality")
+    ap.add_argument("--train-samples", type=int, default=800, help="train-split samples the probes fit on")
+    ap.add_argument("--max-samples", type=int, default=200, help="held-out samples, as `mmehr evaluate`'s")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, help="write the records as JSON here")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (RUN/train holds the checkpoint)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    truth = pl.read_parquet(args.synth / "truth.parquet")
+    cfg = json.loads((args.synth / "manifest.json").read_text())["config"]
+    task = load_task(args.task)
+    records = []
+    for run in args.runs:
+        records.append(probe_run(run, task, truth, cfg, hidden=tuple(args.hide), train_samples=args.train_samples,
+                                 max_samples=args.max_samples))  # fmt: skip
+        print(json.dumps(records[-1]), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=1))
+    print(markdown(records, task.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""benchmarks/probe_states.py: the probes recover what is planted, and the states are the ones rollouts
+start from (a context's last token, whatever the batch's padding)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from mmehr.checkpoint import load_model
+from mmehr.data.timelines import TimelineStore
+from mmehr.evaluate.cli import eval_data_from_config
+from mmehr.evaluate.runner import chunk_contexts
+from mmehr.evaluate.tasks import load_task
+from probe_states import context_states, probe_auroc, probe_r2
+
+
+def test_probes_recover_a_planted_signal_and_give_nothing_without_one():
+    rng = np.random.default_rng(0)
+    n, d = 1200, 16
+    t = rng.normal(size=n)
+    x = rng.normal(size=(n, d))
+    x[:, 3] += t  # one coordinate carries the target, with noise of its own size
+    tr, ev = slice(0, 800), slice(800, n)
+    g = np.arange(800) // 2  # subjects of two samples each
+    assert abs(probe_r2(x[tr], t[tr], x[ev], t[ev]) - 0.5) < 0.1  # var(t | x3) = 1/2 of var(t)
+    assert probe_r2(rng.normal(size=(n, d))[tr], t[tr], rng.normal(size=(n, d))[ev], t[ev]) < 0.05
+    y = rng.random(n) < 1 / (1 + np.exp(-2 * x[:, 3]))
+    assert probe_auroc(x[tr], y[tr], g, x[ev], y[ev]) > 0.75
+    assert (
+        abs(probe_auroc(rng.normal(size=(n, d))[tr], y[tr], g, rng.normal(size=(n, d))[ev], y[ev]) - 0.5)
+        < 0.08
+    )
+    few = np.zeros(800, bool)
+    few[:4] = True  # 4 positives: too few to cross-validate
+    assert np.isnan(probe_auroc(x[tr], few, g, x[ev], y[ev]))
+
+
+@pytest.fixture(scope="module")
+def run(fast_demo_out: Path):
+    model, cfg = load_model(fast_demo_out / "experiments" / "runs" / "all_three" / "seed0" / "train", "cpu")
+    data = eval_data_from_config(cfg, argparse.Namespace(context_tokens=None, timelines=None))
+    return model, data, load_task("hospital_mortality")
+
+
+def test_each_state_is_its_context_alone_and_the_logits_forward_reads(run):
+    model, data, task = run
+    x, samples = context_states(model, data, task, "held_out", max_samples=12, batch_size=12)
+    alone, _ = context_states(model, data, task, "held_out", max_samples=12, batch_size=1)
+    assert x.shape == (samples.height, model.config.n_embd) and samples.height > 1
+    np.testing.assert_allclose(x, alone, rtol=1e-4, atol=1e-4)  # right padding does not reach the state
+    # the state is what forward's logits at the context's last token read
+    store = TimelineStore(data.timelines, "held_out")
+    batch = chunk_contexts(store, samples, data, data.modality_stores)
+    with torch.no_grad():
+        logits, _ = model(batch.tokens, batch.times, batch.modalities or None)
+        last = logits[torch.arange(len(batch)), batch.lengths - 1]
+        torch.testing.assert_close(model.lm_head(torch.from_numpy(x)), last, rtol=1e-4, atol=1e-4)
+
+
+def test_hiding_every_modality_changes_the_states_of_samples_with_events(run):
+    model, data, task = run
+    seen, _ = context_states(model, data, task, "held_out", max_samples=12)
+    blind, _ = context_states(
+        model, data, task, "held_out", max_samples=12, hidden=tuple(data.modality_stores)
+    )
+    assert (np.abs(seen - blind).max(axis=1) > 1e-4).any()  # some contexts have media before them
