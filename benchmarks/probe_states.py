@@ -8,7 +8,8 @@ For each RUN (its `train/` checkpoint), the task's samples are built as `mmehr e
 defaults to, the modality events strictly before each prediction time) and the decoder's final hidden
 state at each context's last token (the state every rollout starts from) is read. Probes fit on the train
 split's samples (`--train-samples`) and scored on the held-out ones: a logistic probe of the task's
-outcome (AUROC) and of each hidden condition (AF, opacity, symptom: AUROC), and a ridge probe of the
+outcome (AUROC; and out of fold within the train samples: above the held-out figure, the state carries
+the training outcomes themselves) and of each hidden condition (AF, opacity, symptom: AUROC), and a ridge probe of the
 planted EHR part (ehr_strength x (0.5 frailty + acute); R^2), on the standardised states; the logistic
 probes are fit as the supervised reference is (C by subject-grouped CV), the ridge's alpha by
 leave-one-out CV. `--hide MOD` hides a modality, as
@@ -32,6 +33,7 @@ import numpy as np
 import polars as pl
 import torch
 from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import GroupKFold
 
 from mmehr.checkpoint import load_model
 from mmehr.data.timelines import TimelineStore
@@ -84,6 +86,22 @@ def probe_auroc(
     return auroc(y_eval, fit_predict(x_train, y_train.astype(int), groups, x_eval)[0])
 
 
+def probe_auroc_within(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> float:
+    """AUROC of the same probe out of fold within one split (subject-grouped folds, each fit on the
+    others): on train samples, what the state holds of outcomes the model was trained on. Above the
+    held-out probe, the state carries the training outcomes themselves (memorised), not only what
+    predicts them."""
+    y = np.asarray(y, bool)
+    if min(y.sum(), (~y).sum()) < 2 * folds:
+        return float("nan")
+    p = np.zeros(len(y))
+    for tr, ev in GroupKFold(n_splits=folds).split(x, y, groups):
+        if y[tr].all() or not y[tr].any():
+            return float("nan")
+        p[ev] = fit_predict(x[tr], y[tr].astype(int), groups[tr], x[ev])[0]
+    return auroc(y, p)
+
+
 def probe_r2(x_train: np.ndarray, t_train: np.ndarray, x_eval: np.ndarray, t_eval: np.ndarray) -> float:
     """R^2 on the eval rows of a ridge probe fit on the train rows (alpha by leave-one-out CV)."""
     pred = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(x_train, t_train).predict(x_eval)
@@ -119,6 +137,7 @@ def probe_run(
         "n_train": d_tr.height,
         "n_eval": d_ev.height,
         "outcome": probe_auroc(x_tr, d_tr["boolean_value"], groups, x_ev, d_ev["boolean_value"]),
+        "outcome_train": probe_auroc_within(x_tr, d_tr["boolean_value"].to_numpy(), groups),
         "ehr_part_r2": probe_r2(x_tr, ehr["train"], x_ev, ehr["held_out"]),
     }
     for c in CONDITIONS:
@@ -133,13 +152,16 @@ def probe_run(
 
 
 def markdown(records: list[dict], task: str) -> str:
-    head = "| run | n (train / eval) | zero-shot | probe: outcome | EHR part R² | " + " | ".join(CONDITIONS)
+    head = (
+        "| run | n (train / eval) | zero-shot | probe: outcome | outcome, train out of fold | EHR part R² | "
+    )
+    head += " | ".join(CONDITIONS)
     lines = [
         f"Probes of the state at the prediction time, {task} (AUROC; R² for the EHR part)",
         "",
         head + " |",
     ]
-    lines.append("|---" * (5 + len(CONDITIONS)) + "|")
+    lines.append("|---" * (6 + len(CONDITIONS)) + "|")
     for r in records:
         name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
         cells = [

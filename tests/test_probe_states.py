@@ -17,7 +17,7 @@ from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.cli import eval_data_from_config
 from mmehr.evaluate.runner import chunk_contexts
 from mmehr.evaluate.tasks import load_task
-from probe_states import context_states, probe_auroc, probe_r2
+from probe_states import context_states, probe_auroc, probe_auroc_within, probe_r2
 
 
 def test_probes_recover_a_planted_signal_and_give_nothing_without_one():
@@ -36,9 +36,17 @@ def test_probes_recover_a_planted_signal_and_give_nothing_without_one():
         abs(probe_auroc(rng.normal(size=(n, d))[tr], y[tr], g, rng.normal(size=(n, d))[ev], y[ev]) - 0.5)
         < 0.08
     )
+    # out of fold within one split: the same signal, read the same way
+    assert abs(probe_auroc_within(x[tr], y[tr], g) - probe_auroc(x[tr], y[tr], g, x[ev], y[ev])) < 0.06
+    # a state that holds the train samples' own outcomes (memorised) reads them within train only
+    mem = rng.normal(size=(n, d))
+    mem[tr, 5] += 3 * y[tr]
+    assert (
+        probe_auroc_within(mem[tr], y[tr], g) > 0.9 and probe_auroc(mem[tr], y[tr], g, mem[ev], y[ev]) < 0.6
+    )
     few = np.zeros(800, bool)
     few[:4] = True  # 4 positives: too few to cross-validate
-    assert np.isnan(probe_auroc(x[tr], few, g, x[ev], y[ev]))
+    assert np.isnan(probe_auroc(x[tr], few, g, x[ev], y[ev])) and np.isnan(probe_auroc_within(x[tr], few, g))
 
 
 @pytest.fixture(scope="module")
