@@ -61,6 +61,8 @@ def test_config_rejects_inconsistent_values():
         from_dict(ModelConfig, {"n_layers": 3})
     with pytest.raises(ValueError, match="modality_dropout"):
         tiny(fusion=FusionConfig(modality_dropout=1.5))
+    with pytest.raises(ValueError, match="media_noise"):
+        tiny(fusion=FusionConfig(media_noise=-0.1))
     with pytest.raises(ValueError, match="no cross-attention block"):
         tiny(n_layer=2, fusion=FusionConfig(xattn_every=3, modalities={"ecg": ModalityConfig(d_enc=8)}))
 

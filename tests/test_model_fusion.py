@@ -321,6 +321,24 @@ def test_modality_dropout_drops_events_only_at_train_time():
     assert 0.43 < kept < 0.57
 
 
+def test_media_noise_perturbs_stored_events_at_train_time_only_at_their_own_scale():
+    m = model("mean", media_noise=0.5)
+    *_, mods = batch()
+    clean = model("mean")  # the same weights without noise
+    torch.testing.assert_close(m.encode_media(mods).tokens, clean.encode_media(mods).tokens)  # eval: none
+    m.train()
+    clean.train()
+    torch.manual_seed(0)
+    # one event of 3,000 identical tokens at scale 100: mean-pooled, its noise (std 50 per token) averages
+    # to about 1 per dimension, so the compressed event is its clean self to about 1 %
+    emb = (100 * torch.randn(12)).expand(1, 1, 3000, 12)
+    one = ModalityInputs(emb, torch.ones(1, 1, 3000, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long),
+                         torch.ones(1, 1, dtype=torch.bool))  # fmt: skip
+    noisy = [m.encode_media({"note": one}).tokens for _ in range(2)]
+    assert (noisy[0] - noisy[1]).abs().max() > 1e-3  # fresh noise every call
+    torch.testing.assert_close(noisy[0], clean.encode_media({"note": one}).tokens, rtol=0.1, atol=0.1)
+
+
 def test_media_cutoff_trains_a_row_as_a_rollout_from_a_random_token_sees_it():
     """A row cut at a drawn token's time computes what the model computes with no event acquired at or
     after that time (a rollout's view); only at train time, and only when asked."""

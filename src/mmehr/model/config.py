@@ -88,6 +88,9 @@ class FusionConfig:
     scalars. lr_scale: learning-rate multiplier of everything else the fusion adds to the decoder
     (compressors, cross-attention blocks, modality embeddings, time bias); a finetuned encoder keeps its
     finetune_lr_scale. modality_dropout: at train time, drop each available event with this probability.
+    media_noise: at train time, add Gaussian noise to each stored event's encoder tokens before they are
+    compressed, its std this many times the event's own (a finetuned encoder's events are left as they
+    are): an event's exact embedding, unique to its stay, then cannot key the stay's training outcomes.
     media_cutoff: at train time, with this probability per row, a random token of the window becomes a
     simulated prediction time: the tokens after it see only the media acquired before it, as a rollout's
     generated tokens do (no event after the prediction time exists for them). Without it, a token late in
@@ -107,6 +110,7 @@ class FusionConfig:
     gate_lr_scale: float = 30.0
     lr_scale: float = 1.0
     modality_dropout: float = 0.0
+    media_noise: float = 0.0
     media_cutoff: float = 0.0
     dropout: float | None = None
     modality_embedding: bool = True
@@ -126,6 +130,8 @@ class FusionConfig:
             )
         if not 0.0 <= self.modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {self.modality_dropout}")
+        if self.media_noise < 0:
+            raise ValueError(f"media_noise must be >= 0, got {self.media_noise}")
         if not 0.0 <= self.media_cutoff <= 1.0:
             raise ValueError(f"media_cutoff must be in [0, 1], got {self.media_cutoff}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
