@@ -8,19 +8,18 @@ For each RUN (its `train/` checkpoint), the task's samples are built as `mmehr e
 defaults to, the modality events strictly before each prediction time) and the decoder's final hidden
 state at each context's last token (the state every rollout starts from) is read. Probes fit on the train
 split's samples (`--train-samples`) and scored on the held-out ones: a logistic probe of the task's
-outcome (AUROC; and out of fold within the train samples: above the held-out figure, the state carries
-the training outcomes themselves) and of each hidden condition (AF, opacity, symptom: AUROC), and a ridge probe of the
-planted EHR part (ehr_strength x (0.5 frailty + acute); R^2), on the standardised states; the logistic
-probes are fit as the supervised reference is (C by subject-grouped CV), the ridge's alpha by
-leave-one-out CV. `--hide MOD` hides a modality, as
-`mmehr evaluate --hide-modality` does.
+outcome (AUROC; and out of fold within the train samples: above the held-out figure, the state holds the
+training outcomes themselves) and of each hidden condition (AF, opacity, symptom: AUROC), and a ridge
+probe of the planted EHR part (ehr_strength x (0.5 frailty + acute); R^2), on the standardised states.
+The logistic probes are fit as the supervised reference is (C by subject-grouped CV), the ridge's alpha
+by leave-one-out CV. `--hide MOD` hides a modality, as `mmehr evaluate --hide-modality` does.
 
 Beside the run's zero-shot AUROC (the same held-out samples, from `RUN/eval`) the outcome probe tells what
 the state holds from what the rollouts make of it: a probe above the zero-shot means information is in
 the state that sampling the future does not use. A condition probe at 0.5 means the modality's condition
 never reached the decoder; the EHR part's R^2 says how well the state reads the EHR. Writes JSON
-(`--out`) and prints a markdown table. This is how the multimodal runs' weaker EHR reading was placed
-after the state, in the rollouts (README, Table 2).
+(`--out`) and prints a markdown table. This is how the ECG run was found to learn its training stays'
+outcomes through their ECGs (docs/experiments.md, "What the decoder's state holds").
 """
 
 from __future__ import annotations
@@ -165,7 +164,8 @@ def markdown(records: list[dict], task: str) -> str:
     for r in records:
         name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
         cells = [
-            f"{r.get(k, float('nan')):.3f}" for k in ("zero_shot", "outcome", "ehr_part_r2", *CONDITIONS)
+            f"{r.get(k, float('nan')):.3f}"
+            for k in ("zero_shot", "outcome", "outcome_train", "ehr_part_r2", *CONDITIONS)
         ]
         lines.append(f"| {name} | {r['n_train']} / {r['n_eval']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

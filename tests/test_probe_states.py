@@ -17,7 +17,7 @@ from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.cli import eval_data_from_config
 from mmehr.evaluate.runner import chunk_contexts
 from mmehr.evaluate.tasks import load_task
-from probe_states import context_states, probe_auroc, probe_auroc_within, probe_r2
+from probe_states import context_states, markdown, probe_auroc, probe_auroc_within, probe_r2
 
 
 def test_probes_recover_a_planted_signal_and_give_nothing_without_one():
@@ -78,3 +78,11 @@ def test_hiding_every_modality_changes_the_states_of_samples_with_events(run):
         model, data, task, "held_out", max_samples=12, hidden=tuple(data.modality_stores)
     )
     assert (np.abs(seen - blind).max(axis=1) > 1e-4).any()  # some contexts have media before them
+
+
+def test_the_table_has_a_cell_under_every_heading():
+    record = {"run": "r", "hidden": [], "n_train": 8, "n_eval": 2, "outcome": 0.7, "outcome_train": 0.8,
+              "ehr_part_r2": 0.5, "af": 0.9, "opacity": 0.5, "symptom": 0.5, "zero_shot": 0.6}  # fmt: skip
+    head, rule, row = markdown([record], "icu_admission").splitlines()[2:]
+    assert head.count("|") == rule.count("|") == row.count("|")
+    assert "| 0.600 | 0.700 | 0.800 | 0.500 | 0.900 |" in row  # zero-shot, held out, train, R², AF
