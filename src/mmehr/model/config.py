@@ -89,8 +89,9 @@ class FusionConfig:
     (compressors, cross-attention blocks, modality embeddings, time bias); a finetuned encoder keeps its
     finetune_lr_scale. modality_dropout: at train time, drop each available event with this probability.
     media_noise: at train time, add Gaussian noise to each stored event's encoder tokens before they are
-    compressed, its std this many times the event's own (a finetuned encoder's events are left as they
-    are): an event's exact embedding, unique to its stay, then cannot key the stay's training outcomes.
+    compressed, its std this many times the std of the event's token array (padding slots included; a
+    finetuned encoder's events are left as they are): an event's exact embedding, unique to its stay,
+    then cannot key the stay's training outcomes (docs/experiments.md, "Noise on the stored ECG tokens").
     media_cutoff: at train time, with this probability per row, a random token of the window becomes a
     simulated prediction time: the tokens after it see only the media acquired before it, as a rollout's
     generated tokens do (no event after the prediction time exists for them). Without it, a token late in
