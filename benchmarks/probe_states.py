@@ -42,9 +42,9 @@ from mmehr.evaluate.reference import fit_predict
 from mmehr.evaluate.runner import EvalData, chunk_contexts, visible_stores
 from mmehr.evaluate.tasks import TaskConfig, load_task, task_samples
 from mmehr.model.gpt import GPT
-from mmehr.report import join_stays
+from mmehr.report import CONDITION_OF, join_stays
 
-CONDITIONS = ("af", "opacity", "symptom")
+CONDITIONS = tuple(CONDITION_OF.values())  # af, opacity, symptom: the ECG's, the CXR's, the notes'
 
 
 @torch.no_grad()
