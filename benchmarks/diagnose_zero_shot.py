@@ -40,11 +40,14 @@ import numpy as np
 import polars as pl
 from scipy.stats import spearmanr
 
+from mmehr.config import load_yaml
+from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.metrics import auroc
 from mmehr.evaluate.scoring import ending_shares
-from mmehr.report import join_stays
+from mmehr.evaluate.tasks import load_task, task_samples
+from mmehr.report import CONDITION_OF, join_stays
 
-CONDITIONS = ("af", "opacity", "symptom")
+CONDITIONS = tuple(CONDITION_OF.values())  # af, opacity, symptom: the ECG's, the CXR's, the notes'
 # Each task's outcome in the truth table, and the stays it is asked of (ICU mortality: the ICU stays). The
 # truth table's ICU admission is the admission alone (the task also counts a death before it).
 OUTCOMES = {
@@ -121,6 +124,53 @@ def auroc_by_rollouts(eval_dir: Path, task: str, ks: tuple[int, ...] = (5, 10, 2
             values.append(auroc(labels[keep], p[keep]))
         out[k] = float(np.mean(values))
     return out
+
+
+def _after_first(tokens: list[str], code: str) -> str:
+    """The token right after the first `code` in a continuation (a lab's quantile), "(none)" if absent."""
+    if code in tokens:
+        i = tokens.index(code)
+        return tokens[i + 1] if i + 1 < len(tokens) else "(last)"
+    return "(none)"
+
+
+def decided_by(
+    eval_dir: Path, task: str, store: TimelineStore, code: str, *, evaluated_only: bool = True
+) -> pl.DataFrame:
+    """What the rollouts' outcome rides on: rollouts and real continuations (from the context end to the
+    outcome, on the evaluated samples) grouped by the token that follows the first `code` in them (e.g. a
+    vital sign's first quantile after the prediction time), with each group's share and outcome rate.
+    Rollouts that are far more certain than the real stays with the same first value commit to what they
+    sampled early: a noisy draw then decides the rollout, not the context. Needs the rollouts' tokens
+    (`mmehr evaluate --save-tokens`). `evaluated_only=False`: the real side is every task sample of
+    `store`'s split (e.g. the train split's, many more stays than an evaluation's)."""
+    r = pl.read_parquet(eval_dir / task / "rollouts.parquet")
+    if "tokens" not in r.columns:
+        raise SystemExit(f"{eval_dir / task / 'rollouts.parquet'} has no tokens: evaluate with --save-tokens")
+    r = r.filter(pl.col("counted"))
+    gen = pl.DataFrame(
+        {"value": [_after_first(list(t), code) for t in r["tokens"].to_list()], "y": r["positive"]}
+    )
+    evaluated = pl.read_parquet(eval_dir / task / "samples.parquet").select(
+        "subject_id", pl.col("prediction_time").cast(pl.Int64)
+    )
+    s = task_samples(load_task(task), store)
+    if evaluated_only:
+        s = s.join(evaluated, on=["subject_id", "prediction_time"])
+    itos = store.vocab.itos
+    real = []
+    for i, e, o, y in s.select("subject_index", "context_end", "outcome_pos", "boolean_value").iter_rows():
+        tokens, _ = store.timeline(i)
+        real.append((_after_first([itos[t] for t in tokens[e : (o + 1 if o >= 0 else None)]], code), y))
+    real = pl.DataFrame(real, schema={"value": pl.String, "y": pl.Boolean}, orient="row")
+
+    def groups(d: pl.DataFrame, name: str) -> pl.DataFrame:
+        return d.group_by("value").agg(
+            (pl.len() / d.height).alias(f"{name} share"), pl.col("y").mean().alias(f"{name} outcome")
+        )
+
+    out = groups(gen, "rollouts").join(groups(real, "real"), on="value", how="full", coalesce=True)
+    return out.sort(pl.col("value").str.replace(r"^Q(\d)$", "Q0$1"))
 
 
 STRENGTHS = dict(zip(CONDITIONS, ("ecg_strength", "cxr_strength", "note_strength"), strict=True))
@@ -206,6 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="first, per split, each hidden condition's AUROC alone for the task's outcome",
     )
+    ap.add_argument(
+        "--decided-by",
+        metavar="CODE",
+        help="also group rollouts and real continuations by the value after the first CODE token in them "
+        "(e.g. LAB//220045//bpm; needs `mmehr evaluate --save-tokens`)",
+    )
+    ap.add_argument(
+        "--timelines", type=Path, help="for --decided-by: the tokenized timelines (default: the checkpoint's)"
+    )
+    ap.add_argument(
+        "--real-split",
+        help="for --decided-by: the real stays of this split, all of them (default: the evaluated samples)",
+    )
     ap.add_argument("evals", nargs="*", type=Path, help="`mmehr evaluate` output directories")
     args = ap.parse_args(argv)
     truth = pl.read_parquet(args.synth / "truth.parquet")
@@ -247,6 +310,27 @@ def main(argv: list[str] | None = None) -> int:
                 "zero-shot AUROC from K of the rollouts (all the task's samples): "
                 + " | ".join(f"K = {k} {v:.3f}" for k, v in by_k.items())
             )
+        if args.decided_by:
+            timelines = args.timelines or Path(
+                load_yaml(Path(manifest["checkpoint"]) / "config.yaml")["data"]["timelines"]
+            )
+            split = args.real_split or manifest.get("split", "held_out")
+            store = TimelineStore(timelines, split)
+            table = decided_by(
+                eval_dir, args.task, store, args.decided_by, evaluated_only=not args.real_split
+            )
+            print(f"(real: {'all ' + split + ' stays' if args.real_split else 'the evaluated samples'})")
+            print(
+                f"by the value after the first {args.decided_by} (share of rollouts / of real stays, outcome rate):"
+            )
+            for row in table.iter_rows(named=True):
+                cells = " | ".join(
+                    "n/a"
+                    if row[f"{k} share"] is None
+                    else f"{k} {row[f'{k} share']:.1%} → {row[f'{k} outcome']:.2f}"
+                    for k in ("rollouts", "real")
+                )
+                print(f"  {row['value']}: {cells}")
     return 0
 
 

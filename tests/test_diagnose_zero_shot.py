@@ -10,10 +10,14 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mmehr.data.timelines import TimelineStore
+from mmehr.evaluate.tasks import load_task, task_samples
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from diagnose_zero_shot import (
     auroc_by_rollouts,
     condition_effects,
+    decided_by,
     diagnose,
     log_odds,
     planted_weights,
@@ -189,3 +193,43 @@ def test_log_odds_of_rollout_fractions_stay_finite() -> None:
     z = log_odds(np.array([0.0, 0.5, 1.0]), rollouts=20)
     assert z[1] == 0.0 and z[0] == pytest.approx(-np.log(41)) and z[2] == -z[0]
     assert np.isfinite(log_odds(np.array([0.0, 1.0]), rollouts=None)).all()
+
+
+def test_decided_by_groups_rollouts_and_real_stays_by_the_first_value(
+    tmp_path: Path, demo_timelines: Path
+) -> None:
+    store = TimelineStore(demo_timelines, "train")
+    samples = task_samples(load_task("icu_mortality"), store)
+    itos = store.vocab.itos
+    conts = [
+        [itos[t] for t in store.timeline(i)[0][e : o + 1]]
+        for i, e, o in samples.select("subject_index", "context_end", "outcome_pos").iter_rows()
+    ]
+    code = conts[0][0]  # a token every stay's continuation may hold; what follows it varies
+    first = [c[c.index(code) + 1] if code in c[:-1] else "(none)" for c in conts]
+    task = tmp_path / "eval" / "icu_mortality"
+    task.mkdir(parents=True)
+    samples.select("subject_id", "prediction_time", "boolean_value").write_parquet(task / "samples.parquet")
+    # Two rollouts a sample: one samples Q9 after the code and dies, one Q1 and leaves the ICU.
+    n = samples.height
+    rollouts = pl.DataFrame(
+        {
+            "sample": np.repeat(np.arange(n), 2),
+            "positive": np.tile([True, False], n),
+            "counted": np.ones(2 * n, dtype=bool),
+            "tokens": [[code, "Q9", "MEDS_DEATH"], [code, "Q1", "ICU_DISCHARGE"]] * n,
+        }
+    )
+    rollouts.write_parquet(task / "rollouts.parquet")
+    t = decided_by(tmp_path / "eval", "icu_mortality", store, code)
+    rows = {r["value"]: r for r in t.iter_rows(named=True)}
+    assert rows["Q9"]["rollouts share"] == 0.5 and rows["Q9"]["rollouts outcome"] == 1.0
+    assert rows["Q1"]["rollouts share"] == 0.5 and rows["Q1"]["rollouts outcome"] == 0.0
+    y = samples["boolean_value"].to_numpy()
+    for value in set(first):
+        mine = np.array([f == value for f in first])
+        assert rows[value]["real share"] == pytest.approx(mine.mean())
+        assert rows[value]["real outcome"] == pytest.approx(y[mine].mean())
+    rollouts.drop("tokens").write_parquet(task / "rollouts.parquet")
+    with pytest.raises(SystemExit, match="--save-tokens"):
+        decided_by(tmp_path / "eval", "icu_mortality", store, code)
