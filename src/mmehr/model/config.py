@@ -53,6 +53,9 @@ class ModalityConfig:
     trains LoRA adapters of rank R in all its blocks' linear layers: the encoder then runs inside the model
     on raw payloads (the model is given its module, `GPT(config, encoders=...)`). finetune_lr_scale
     multiplies the learning rate of the encoder's trainable parameters.
+
+    media_noise: this modality's train-time noise on its stored tokens (FusionConfig.media_noise; None:
+    the fusion's), e.g. noise on the ECG alone in a run with every modality.
     """
 
     d_enc: int
@@ -62,6 +65,7 @@ class ModalityConfig:
     latent_init_std: float = 1.0
     finetune: str | dict[str, int] = "frozen"
     finetune_lr_scale: float = 0.1
+    media_noise: float | None = None
 
     def __post_init__(self) -> None:
         mode, n = parse_finetune(self.finetune)
@@ -74,6 +78,8 @@ class ModalityConfig:
             raise ValueError("d_enc, n_latents and n_latent_layers must be >= 1")
         if not self.latent_init_std > 0:
             raise ValueError(f"latent_init_std must be > 0, got {self.latent_init_std}")
+        if self.media_noise is not None and self.media_noise < 0:
+            raise ValueError(f"media_noise must be >= 0 or null, got {self.media_noise}")
 
 
 @dataclass
@@ -91,7 +97,8 @@ class FusionConfig:
     media_noise: at train time, add Gaussian noise to each stored event's encoder tokens before they are
     compressed, its std this many times the std of the event's token array (padding slots included; a
     finetuned encoder's events are left as they are): an event's exact embedding, unique to its stay,
-    then cannot key the stay's training outcomes (docs/experiments.md, "Noise on the stored ECG tokens").
+    then cannot key the stay's training outcomes (docs/experiments.md, "Noise on the stored ECG tokens");
+    a modality's own `media_noise` overrides it.
     media_cutoff: at train time, with this probability per row, a random token of the window becomes a
     simulated prediction time: the tokens after it see only the media acquired before it, as a rollout's
     generated tokens do (no event after the prediction time exists for them). Without it, a token late in

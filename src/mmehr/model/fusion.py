@@ -209,7 +209,8 @@ class Fusion(nn.Module):
         """Compress every available event of every enabled modality: -> Media (B, M, D), or None if none.
 
         Only present events (event_mask and at least one valid token) are compressed. At train time each
-        is dropped with probability fusion.modality_dropout, and a stored one's tokens get fusion.media_noise.
+        is dropped with probability fusion.modality_dropout, and a stored one's tokens get its modality's
+        media_noise (default: fusion.media_noise).
         batch_size, when given, is checked.
         """
         if not modalities:
@@ -237,9 +238,11 @@ class Fusion(nn.Module):
                 emb, token_mask = self._run_encoder(name, {k: v[present] for k, v in inp.payload.items()})
             else:
                 emb, token_mask = inp.emb[present], inp.token_mask[present]
-                if self.training and self.fusion.media_noise > 0:  # (E, N, d_enc), each event its own scale
+                noise = self.fusion.modalities[name].media_noise
+                noise = self.fusion.media_noise if noise is None else noise
+                if self.training and noise > 0:  # (E, N, d_enc), each event its own scale
                     scale = emb.float().std(dim=(1, 2), keepdim=True).to(emb.dtype)
-                    emb = emb + self.fusion.media_noise * scale * torch.randn_like(emb)
+                    emb = emb + noise * scale * torch.randn_like(emb)
             out, mask = compressor(emb, token_mask)  # (E, n_out, D), (E, n_out)
             n_out = out.shape[1]
             tokens = out.new_zeros(B, K, n_out, out.shape[2]).index_put((present,), out)  # (B, K_m, n_out, D)
