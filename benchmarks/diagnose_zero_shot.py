@@ -126,12 +126,15 @@ def auroc_by_rollouts(eval_dir: Path, task: str, ks: tuple[int, ...] = (5, 10, 2
     return out
 
 
-def _after_first(tokens: list[str], code: str) -> str:
-    """The token right after the first `code` in a continuation (a lab's quantile), "(none)" if absent."""
-    if code in tokens:
-        i = tokens.index(code)
-        return tokens[i + 1] if i + 1 < len(tokens) else "(last)"
-    return "(none)"
+def _first_and_last(tokens: list[str], code: str) -> tuple[str, float]:
+    """The token right after the first `code` in a continuation (a lab's quantile; "(none)" if `code` is
+    absent), and the quantile number (Q<n>) after its last one (NaN if that is not a quantile)."""
+    at = [i for i, t in enumerate(tokens) if t == code]
+    if not at:
+        return "(none)", np.nan
+    first = tokens[at[0] + 1] if at[0] + 1 < len(tokens) else "(last)"
+    last = tokens[at[-1] + 1] if at[-1] + 1 < len(tokens) else ""
+    return first, float(last[1:]) if last[:1] == "Q" and last[1:].isdigit() else np.nan
 
 
 def decided_by(
@@ -139,18 +142,20 @@ def decided_by(
 ) -> pl.DataFrame:
     """What the rollouts' outcome rides on: rollouts and real continuations (from the context end to the
     outcome, on the evaluated samples) grouped by the token that follows the first `code` in them (e.g. a
-    vital sign's first quantile after the prediction time), with each group's share and outcome rate.
-    Rollouts that are far more certain than the real stays with the same first value commit to what they
-    sampled early: a noisy draw then decides the rollout, not the context. Needs the rollouts' tokens
+    vital sign's first quantile after the prediction time), with each group's share, outcome rate, and
+    mean quantile of the code's last value before the outcome ("last"; NaN where not a quantile).
+    Rollouts far more certain than the real stays with the same first value commit to what they sampled
+    early (a noisy draw then decides the rollout, not the context); a last value that stays where the
+    first was, where real stays come back, shows futures that do not recover. Needs the rollouts' tokens
     (`mmehr evaluate --save-tokens`). `evaluated_only=False`: the real side is every task sample of
     `store`'s split (e.g. the train split's, many more stays than an evaluation's)."""
     r = pl.read_parquet(eval_dir / task / "rollouts.parquet")
     if "tokens" not in r.columns:
         raise SystemExit(f"{eval_dir / task / 'rollouts.parquet'} has no tokens: evaluate with --save-tokens")
     r = r.filter(pl.col("counted"))
-    gen = pl.DataFrame(
-        {"value": [_after_first(list(t), code) for t in r["tokens"].to_list()], "y": r["positive"]}
-    )
+    schema = {"value": pl.String, "last": pl.Float64, "y": pl.Boolean}
+    gen = [(*_first_and_last(list(t), code), y) for t, y in zip(r["tokens"].to_list(), r["positive"])]
+    gen = pl.DataFrame(gen, schema=schema, orient="row")
     evaluated = pl.read_parquet(eval_dir / task / "samples.parquet").select(
         "subject_id", pl.col("prediction_time").cast(pl.Int64)
     )
@@ -161,12 +166,14 @@ def decided_by(
     real = []
     for i, e, o, y in s.select("subject_index", "context_end", "outcome_pos", "boolean_value").iter_rows():
         tokens, _ = store.timeline(i)
-        real.append((_after_first([itos[t] for t in tokens[e : (o + 1 if o >= 0 else None)]], code), y))
-    real = pl.DataFrame(real, schema={"value": pl.String, "y": pl.Boolean}, orient="row")
+        real.append((*_first_and_last([itos[t] for t in tokens[e : (o + 1 if o >= 0 else None)]], code), y))
+    real = pl.DataFrame(real, schema=schema, orient="row")
 
     def groups(d: pl.DataFrame, name: str) -> pl.DataFrame:
         return d.group_by("value").agg(
-            (pl.len() / d.height).alias(f"{name} share"), pl.col("y").mean().alias(f"{name} outcome")
+            (pl.len() / d.height).alias(f"{name} share"),
+            pl.col("y").mean().alias(f"{name} outcome"),
+            pl.col("last").fill_nan(None).mean().alias(f"{name} last"),
         )
 
     out = groups(gen, "rollouts").join(groups(real, "real"), on="value", how="full", coalesce=True)
@@ -319,15 +326,17 @@ def main(argv: list[str] | None = None) -> int:
             table = decided_by(
                 eval_dir, args.task, store, args.decided_by, evaluated_only=not args.real_split
             )
-            print(f"(real: {'all ' + split + ' stays' if args.real_split else 'the evaluated samples'})")
+            real = f"all {split} stays" if args.real_split else "the evaluated samples"
             print(
-                f"by the value after the first {args.decided_by} (share of rollouts / of real stays, outcome rate):"
+                f"by the value after the first {args.decided_by}: share of rollouts / of real stays ({real})"
+                " → outcome rate, mean quantile of its last value"
             )
             for row in table.iter_rows(named=True):
                 cells = " | ".join(
                     "n/a"
                     if row[f"{k} share"] is None
-                    else f"{k} {row[f'{k} share']:.1%} → {row[f'{k} outcome']:.2f}"
+                    else f"{k} {row[f'{k} share']:.1%} → {row[f'{k} outcome']:.2f}, last "
+                    + ("n/a" if row[f"{k} last"] is None else f"Q{row[f'{k} last']:.1f}")
                     for k in ("rollouts", "real")
                 )
                 print(f"  {row['value']}: {cells}")

@@ -205,19 +205,23 @@ def test_decided_by_groups_rollouts_and_real_stays_by_the_first_value(
         [itos[t] for t in store.timeline(i)[0][e : o + 1]]
         for i, e, o in samples.select("subject_index", "context_end", "outcome_pos").iter_rows()
     ]
-    code = conts[0][0]  # a token every stay's continuation may hold; what follows it varies
+    # a lab code of the first continuation (a quantile follows it); what follows it varies between stays
+    code = next(t for c in conts for t, q in zip(c, c[1:]) if q[:1] == "Q" and q[1:].isdigit())
     first = [c[c.index(code) + 1] if code in c[:-1] else "(none)" for c in conts]
+    # the token after the last `code`, as a quantile number (NaN if not one)
+    after_last = [c[len(c) - 1 - c[::-1].index(code) + 1] if code in c[:-1] else "" for c in conts]
+    last = np.array([float(t[1:]) if t[:1] == "Q" and t[1:].isdigit() else np.nan for t in after_last])
     task = tmp_path / "eval" / "icu_mortality"
     task.mkdir(parents=True)
     samples.select("subject_id", "prediction_time", "boolean_value").write_parquet(task / "samples.parquet")
-    # Two rollouts a sample: one samples Q9 after the code and dies, one Q1 and leaves the ICU.
+    # Two rollouts a sample: one samples Q9 after the code (then Q10) and dies, one Q1 and leaves the ICU.
     n = samples.height
     rollouts = pl.DataFrame(
         {
             "sample": np.repeat(np.arange(n), 2),
             "positive": np.tile([True, False], n),
             "counted": np.ones(2 * n, dtype=bool),
-            "tokens": [[code, "Q9", "MEDS_DEATH"], [code, "Q1", "ICU_DISCHARGE"]] * n,
+            "tokens": [[code, "Q9", code, "Q10", "MEDS_DEATH"], [code, "Q1", "ICU_DISCHARGE"]] * n,
         }
     )
     rollouts.write_parquet(task / "rollouts.parquet")
@@ -225,11 +229,16 @@ def test_decided_by_groups_rollouts_and_real_stays_by_the_first_value(
     rows = {r["value"]: r for r in t.iter_rows(named=True)}
     assert rows["Q9"]["rollouts share"] == 0.5 and rows["Q9"]["rollouts outcome"] == 1.0
     assert rows["Q1"]["rollouts share"] == 0.5 and rows["Q1"]["rollouts outcome"] == 0.0
+    assert rows["Q9"]["rollouts last"] == 10.0 and rows["Q1"]["rollouts last"] == 1.0
     y = samples["boolean_value"].to_numpy()
+    assert not np.isnan(last).all()
     for value in set(first):
         mine = np.array([f == value for f in first])
         assert rows[value]["real share"] == pytest.approx(mine.mean())
         assert rows[value]["real outcome"] == pytest.approx(y[mine].mean())
+        known = mine & ~np.isnan(last)
+        expected = last[known].mean() if known.any() else None
+        assert rows[value]["real last"] == (None if expected is None else pytest.approx(expected))
     rollouts.drop("tokens").write_parquet(task / "rollouts.parquet")
     with pytest.raises(SystemExit, match="--save-tokens"):
         decided_by(tmp_path / "eval", "icu_mortality", store, code)
