@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -202,11 +203,11 @@ def test_decided_by_groups_rollouts_and_real_stays_by_the_first_value(
     samples = task_samples(load_task("icu_mortality"), store)
     itos = store.vocab.itos
     conts = [
-        [itos[t] for t in store.timeline(i)[0][e : o + 1]]
+        [itos[t] for t in store.timeline(i)[0][e : (o + 1 if o >= 0 else None)]]  # to the outcome
         for i, e, o in samples.select("subject_index", "context_end", "outcome_pos").iter_rows()
     ]
     # a lab code of the first continuation (a quantile follows it); what follows it varies between stays
-    code = next(t for c in conts for t, q in zip(c, c[1:]) if q[:1] == "Q" and q[1:].isdigit())
+    code = next(t for c in conts for t, q in itertools.pairwise(c) if q[:1] == "Q" and q[1:].isdigit())
     first = [c[c.index(code) + 1] if code in c[:-1] else "(none)" for c in conts]
     # the token after the last `code`, as a quantile number (NaN if not one)
     after_last = [c[len(c) - 1 - c[::-1].index(code) + 1] if code in c[:-1] else "" for c in conts]

@@ -338,13 +338,13 @@ def test_media_noise_perturbs_stored_events_at_train_time_only_at_their_own_scal
     assert (noisy[0] - noisy[1]).abs().max() > 1e-3  # fresh noise every call
     torch.testing.assert_close(noisy[0], clean.encode_media({"note": one}).tokens, rtol=0.1, atol=0.1)
     # A modality's own media_noise overrides the fusion's: 0 there silences it, > 0 adds it alone.
-    for fusion_noise, own, noisy in ((0.5, 0.0, False), (0.0, 0.5, True), (0.5, None, True)):
+    for fusion_noise, own, expect_noise in ((0.5, 0.0, False), (0.0, 0.5, True), (0.5, None, True)):
         cfg = config("mean", media_noise=fusion_noise)
         cfg.fusion.modalities["note"].media_noise = own
         torch.manual_seed(0)
         g = GPT(cfg).train()
         a, b = (g.encode_media({"note": one}).tokens for _ in range(2))
-        assert ((a - b).abs().max() > 1e-3) == noisy
+        assert ((a - b).abs().max() > 1e-3) == expect_noise
     with pytest.raises(ValueError, match="media_noise"):
         ModalityConfig(d_enc=4, media_noise=-1.0)
 
