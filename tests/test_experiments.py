@@ -304,6 +304,7 @@ def test_a_run_started_from_another_runs_model_gets_its_seeds_directory_and_wait
     monkeypatch.setattr(experiments, "run_stage", fake_stage)
     monkeypatch.setattr(experiments, "is_complete", lambda d: (Path(d) / "manifest.json").is_file())
     monkeypatch.setattr(experiments, "write_tables", lambda grid, out: out / "tables.md")
+    monkeypatch.setattr(experiments, "stale_runs", lambda grid, base, out: [])  # stand-ins have no config
     for jobs in (1, 2):
         calls.clear()
         out = tmp_path / f"out{jobs}"
@@ -322,6 +323,55 @@ def test_a_run_started_from_another_runs_model_gets_its_seeds_directory_and_wait
     grid_path.write_text("base: base.yaml\nruns:\n  warm: ['train.init_from={run:nope}']\n")
     with pytest.raises(ValueError, match=r"\{run:nope\}"):
         load_grid(grid_path)
+
+
+def test_a_grid_refuses_complete_runs_that_its_config_no_longer_makes(tmp_path, demo_timelines, monkeypatch):
+    """A grid reuses its complete runs and tables all of them: a run trained before its base config or
+    overrides changed, or evaluated without a task or with other rollouts, is refused before anything
+    trains, naming the run and what differs; the runs the grid makes now pass."""
+    from mmehr import experiments
+    from mmehr.config import save_config
+    from mmehr.io import mark_output, write_json
+    from mmehr.runconfig import load_train_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{timelines: {demo_timelines}}}\noptim: {{lr: 1.0e-3}}\n")
+    grid_path = tmp_path / "g.yaml"
+    grid_path.write_text(
+        "base: base.yaml\nrollouts: 20\ntasks: [icu_mortality]\nruns:\n  a: []\n  b: [model.n_layer=3]\n"
+    )
+    grid, base = load_grid(grid_path)
+    out = mark_output(tmp_path / "out", "ablate")
+    for run in ("a", "b"):  # what a finished grid leaves: the config the training saved, then a manifest
+        train = experiments.run_dir(out, run, 0) / "train"
+        train.mkdir(parents=True)
+        save_config(
+            load_train_config(base, experiments.run_overrides(grid, out, run, 0)), train / "config.yaml"
+        )
+        write_json(train / "manifest.json", {"stage": "train"})
+    evaluation = experiments.run_dir(out, "a", 0) / "eval"
+    evaluation.mkdir()
+    write_json(evaluation / "manifest.json", {"tasks": ["icu_mortality"], "sampler": {"n_rollouts": 20}})
+    assert experiments.stale_runs(grid, base, out) == []
+
+    base.write_text(base.read_text().replace("1.0e-3", "2.0e-3"))  # the base config changed since
+    write_json(evaluation / "manifest.json", {"tasks": ["icu_mortality"], "sampler": {"n_rollouts": 10}})
+    stale = experiments.stale_runs(grid, base, out)
+    assert stale == [
+        "runs/a/seed0/train (trained with other optim.lr)",
+        "runs/a/seed0/eval (10 rollouts, not 20)",
+        "runs/b/seed0/train (trained with other optim.lr)",
+    ]
+    trained = []
+    monkeypatch.setattr(experiments, "run_stage", lambda *args, **kw: trained.append(args))
+    with pytest.raises(ValueError, match=r"runs/a/seed0/train \(trained with other optim.lr\).*Move"):
+        experiments.ablate(grid_path, out)
+    assert trained == []  # refused before anything ran
+
+    base.write_text(base.read_text().replace("2.0e-3", "1.0e-3"))
+    grid_path.write_text(grid_path.read_text().replace("[icu_mortality]", "[icu_mortality, icu_admission]"))
+    grid, base = load_grid(grid_path)
+    assert experiments.stale_runs(grid, base, out) == ["runs/a/seed0/eval (no icu_admission)"]
 
 
 def test_the_last_running_job_evaluates_on_every_core_but_trains_on_its_share():

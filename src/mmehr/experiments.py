@@ -48,9 +48,19 @@ import numpy as np
 import polars as pl
 
 from mmehr.ablation_plots import plot_table, select
-from mmehr.config import from_dict, load_yaml
+from mmehr.checkpoint import load_config_of
+from mmehr.config import from_dict, load_yaml, to_dict
 from mmehr.evaluate.metrics import pooled_paired_auroc_difference
-from mmehr.io import OutputLock, atomic_path, check_output, is_complete, mark_output, write_json
+from mmehr.io import (
+    OutputLock,
+    atomic_path,
+    check_output,
+    is_complete,
+    mark_output,
+    read_manifest,
+    write_json,
+)
+from mmehr.runconfig import config_differences, load_train_config
 
 TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
 
@@ -124,6 +134,35 @@ def run_overrides(grid: Grid, out: Path, run: str, seed: int) -> list[str]:
         for o in grid.runs[run]
     ]
     return [*grid.set, *filled, f"run.seed={seed}"]
+
+
+def stale_runs(grid: Grid, base: Path, out: Path) -> list[str]:
+    """The grid's complete (run, seed) outputs in `out` that the grid would not make now: a training run
+    whose config differs from the base config with the run's overrides (a base config or an override changed
+    since), or an evaluation without a task the grid asks for or with another number of rollouts. A grid
+    reuses complete outputs and tables every complete run, so each must be this grid's."""
+    stale = []
+    for run in grid.runs:
+        for seed in grid.seeds:
+            d = run_dir(out, run, seed)
+            train_dir, eval_dir = d / "train", d / "eval"
+            name = f"{d.relative_to(out)}"
+            if is_complete(train_dir):
+                saved = to_dict(load_config_of(train_dir))
+                current = to_dict(load_train_config(base, run_overrides(grid, out, run, seed)))
+                diff = config_differences(saved, current)
+                if diff:
+                    stale.append(f"{name}/train (trained with other {', '.join(diff)})")
+            if is_complete(eval_dir):
+                manifest = read_manifest(eval_dir)
+                missing = [t for t in grid.tasks if t not in manifest.get("tasks", [])]
+                rollouts = manifest.get("sampler", {}).get("n_rollouts", grid.rollouts)
+                if missing or rollouts != grid.rollouts:
+                    why = (
+                        f"no {', '.join(missing)}" if missing else f"{rollouts} rollouts, not {grid.rollouts}"
+                    )
+                    stale.append(f"{name}/eval ({why})")
+    return stale
 
 
 def run_stage(*args: str, threads: int | None = None, log: Path | None = None) -> None:
@@ -450,6 +489,13 @@ def _ablate(
     )
     if missing:
         raise ValueError(f"the picked runs start from runs not picked and not trained yet: {missing}")
+    stale = stale_runs(grid, base, out)
+    if stale:
+        raise ValueError(
+            f"{out} holds complete runs that {grid_path} does not make now (its base config {base} or their "
+            f"overrides changed since), so their results would not be this grid's: {'; '.join(stale)}. Move "
+            "those run directories out of it (mmehr does not delete them) or choose another --out."
+        )
     # Runs that start from another run's model go second, when every run they name is done.
     phases = [[rs for rs in todo if not deps[rs[0]]], [rs for rs in todo if deps[rs[0]]]]
     t0, done = time.perf_counter(), 0
