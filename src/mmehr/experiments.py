@@ -146,7 +146,7 @@ def stale_runs(grid: Grid, base: Path, out: Path) -> list[str]:
         for seed in grid.seeds:
             d = run_dir(out, run, seed)
             train_dir, eval_dir = d / "train", d / "eval"
-            name = f"{d.relative_to(out)}"
+            name = str(d.relative_to(out))
             if is_complete(train_dir):
                 saved = to_dict(load_config_of(train_dir))
                 current = to_dict(load_train_config(base, run_overrides(grid, out, run, seed)))
