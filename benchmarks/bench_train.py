@@ -38,10 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"ecg": 312, "cxr": 197, "note": 512}  # encoder tokens per event; d_enc 768 for all three
 D_ENC, EVENTS = 768, 12
 CASES = ["ehr_only", "ecg", "cxr", "note", "all_three"]
-# The demo's dropout (0.3, attention probabilities included) drawn three ways, and none at all: "torch"
+# The demo's dropout (0.3, attention probabilities included) drawn four ways, and none at all: "torch"
 # is torch's own dropout (bernoulli_ masks, SDPA's math path), the default mmehr's (`decoder.dropout`,
-# `decoder.attention`); "no-attn" drops all but the attention probabilities (`model.attn_dropout=0`).
-DROPOUT_CASES = [f"{m}:{v}" for v in ("none", "torch") for m in ("ehr_only", "all_three")] + [
+# `decoder.attention`); "uniform" is mmehr's before its masks came from `decoder.keep_mask` and its
+# causal mask from an additive bias (the same numbers to the bit, tested); "no-attn" drops all but the
+# attention probabilities (`model.attn_dropout=0`).
+DROPOUT_CASES = [f"{m}:{v}" for v in ("none", "torch", "uniform") for m in ("ehr_only", "all_three")] + [
     "ehr_only:no-attn"
 ]
 
@@ -99,6 +101,41 @@ def use_torch_dropout() -> None:
     decoder.attention = fusion.attention = F.scaled_dot_product_attention
 
 
+def use_uniform_dropout() -> None:
+    """mmehr's dropout and attention as they were before `keep_mask` and the additive causal mask: masks
+    from `rand_like(x) >= p` scaled in one step, the causal mask by masked_fill."""
+    import math
+
+    import torch
+
+    from mmehr.model import decoder, fusion
+
+    def dropout(x, p, training):
+        if not training or p == 0.0:
+            return x
+        return x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p)))
+
+    def attention(q, k, v, *, attn_mask=None, is_causal=False, dropout_p=0.0):
+        if dropout_p == 0.0:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal
+            )
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if is_causal:
+            T, S = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+        if attn_mask is not None:
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else scores + attn_mask
+            )
+        return dropout(torch.softmax(scores, dim=-1), dropout_p, True) @ v
+
+    decoder.dropout = dropout
+    decoder.attention = fusion.attention = attention
+
+
 def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -110,6 +147,8 @@ def run_case(case: str, paths: dict[str, str], quick: bool) -> dict:
     case, _, variant = case.partition(":")
     if variant == "torch":
         use_torch_dropout()
+    elif variant == "uniform":
+        use_uniform_dropout()
     raw = load_yaml(ROOT / "configs" / "demo.yaml")
     overrides = [f"data.timelines={paths['timelines']}", f"run.threads={THREADS}", "data.workers=0"]
     overrides += {"none": ["model.dropout=0.0"], "no-attn": ["model.attn_dropout=0.0"]}.get(variant, [])

@@ -268,6 +268,53 @@ def test_cpu_dropout_is_inverted_dropout_with_its_rate():
     assert Dropout(0.3).eval()(x) is x
 
 
+@pytest.mark.parametrize("p", [0.3, 0.1, 0.5, 1e-7, 0.9999999])
+def test_keep_mask_is_exactly_rand_ge_p_and_leaves_the_generator_where_rand_does(p):
+    from mmehr.model.decoder import dropout, keep_mask
+
+    for shape in [(1,), (7,), (16,), (17,), (3, 5, 33), (2, 4, 64, 64)]:
+        torch.manual_seed(11)
+        expected, after = torch.rand(shape) >= p, torch.rand(5)
+        torch.manual_seed(11)
+        got = keep_mask(shape, p)
+        assert torch.equal(got, expected), shape
+        assert torch.equal(torch.rand(5), after), shape  # the same draws were taken
+    # so `dropout` computes what it computed with rand_like's mask, to the bit
+    x = torch.randn(4, 32, 16)
+    torch.manual_seed(3)
+    old = x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p)))
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, p, training=True), old)
+
+
+def test_attention_with_dropout_computes_what_the_masked_fill_form_computed_to_the_bit():
+    """The causal mask as an additive bias and the masks from keep_mask: the outputs and gradients of the
+    earlier form (masked_fill, rand_like's masks scaled in one step), bit for bit."""
+    from mmehr.model.decoder import attention
+
+    def before(q, k, v, p):
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return (probs * ((torch.rand_like(probs) >= p) * (1.0 / (1.0 - p)))) @ v
+
+    torch.manual_seed(0)
+    leaves = [torch.randn(3, 2, 37, 8, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(3, 2, 37, 8)
+    results = []
+    for f in (
+        lambda q, k, v: attention(q, k, v, is_causal=True, dropout_p=0.3),
+        lambda q, k, v: before(q, k, v, 0.3),
+    ):
+        torch.manual_seed(5)
+        y = f(*leaves)
+        grads = torch.autograd.grad(y, leaves, grad_out)
+        results.append((y.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_attention_with_dropout_is_sdpa_in_expectation_and_stays_causal():
     from mmehr.model.decoder import attention
 
