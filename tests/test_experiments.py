@@ -359,7 +359,7 @@ def test_a_grid_refuses_complete_runs_that_its_config_no_longer_makes(tmp_path, 
     stale = experiments.stale_runs(grid, base, out)
     assert stale == [
         "runs/a/seed0/train (trained with other optim.lr)",
-        "runs/a/seed0/eval (10 rollouts, not 20)",
+        "runs/a/seed0/eval (rollouts 10 -> 20)",
         "runs/b/seed0/train (trained with other optim.lr)",
     ]
     trained = []
@@ -371,7 +371,24 @@ def test_a_grid_refuses_complete_runs_that_its_config_no_longer_makes(tmp_path, 
     base.write_text(base.read_text().replace("2.0e-3", "1.0e-3"))
     grid_path.write_text(grid_path.read_text().replace("[icu_mortality]", "[icu_mortality, icu_admission]"))
     grid, base = load_grid(grid_path)
-    assert experiments.stale_runs(grid, base, out) == ["runs/a/seed0/eval (no icu_admission)"]
+    assert experiments.stale_runs(grid, base, out) == [
+        "runs/a/seed0/eval (no icu_admission; rollouts 10 -> 20)"
+    ]
+
+    # Every setting the evaluation's manifest records is held to the grid's: here the samples, the safety
+    # cap and the context the grid's evaluate_args now ask for.
+    recorded = {"tasks": ["icu_mortality", "icu_admission"], "sampler": {"n_rollouts": 20, "max_new_tokens": 8192},
+                "context_tokens": 1792, "max_samples": None, "tuning_samples": None}  # fmt: skip
+    write_json(evaluation / "manifest.json", recorded)
+    assert experiments.stale_runs(grid, base, out) == []  # the defaults (block_size 2048: context 1792)
+    grid_path.write_text(
+        grid_path.read_text()
+        + "max_samples: 200\nevaluate_args: [--max-new-tokens, '512', --context-tokens, '192']\n"
+    )
+    grid, base = load_grid(grid_path)
+    assert experiments.stale_runs(grid, base, out) == [
+        "runs/a/seed0/eval (max-new-tokens 8192 -> 512; context-tokens 1792 -> 192; max-samples None -> 200)"
+    ]
 
 
 def test_the_last_running_job_evaluates_on_every_core_but_trains_on_its_share():

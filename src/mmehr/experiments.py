@@ -60,7 +60,7 @@ from mmehr.io import (
     read_manifest,
     write_json,
 )
-from mmehr.runconfig import config_differences, load_train_config
+from mmehr.runconfig import TrainConfig, config_differences, load_train_config
 
 TABLE_METRICS = ("auroc", "auprc", "f1_macro", "f1_pos")
 
@@ -139,8 +139,9 @@ def run_overrides(grid: Grid, out: Path, run: str, seed: int) -> list[str]:
 def stale_runs(grid: Grid, base: Path, out: Path) -> list[str]:
     """The grid's complete (run, seed) outputs in `out` that the grid would not make now: a training run
     whose config differs from the base config with the run's overrides (a base config or an override changed
-    since), or an evaluation without a task the grid asks for or with another number of rollouts. A grid
-    reuses complete outputs and tables every complete run, so each must be this grid's."""
+    since), or an evaluation without a task the grid asks for or run with other settings (rollouts, samples,
+    the safety cap, context, ...: `evaluation_differences`). A grid reuses complete outputs and tables every
+    complete run, so each must be this grid's."""
     stale = []
     for run in grid.runs:
         for seed in grid.seeds:
@@ -154,14 +155,11 @@ def stale_runs(grid: Grid, base: Path, out: Path) -> list[str]:
                 if diff:
                     stale.append(f"{name}/train (trained with other {', '.join(diff)})")
             if is_complete(eval_dir):
-                manifest = read_manifest(eval_dir)
-                missing = [t for t in grid.tasks if t not in manifest.get("tasks", [])]
-                rollouts = manifest.get("sampler", {}).get("n_rollouts", grid.rollouts)
-                if missing or rollouts != grid.rollouts:
-                    why = (
-                        f"no {', '.join(missing)}" if missing else f"{rollouts} rollouts, not {grid.rollouts}"
-                    )
-                    stale.append(f"{name}/eval ({why})")
+                config = load_train_config(base, run_overrides(grid, out, run, seed))
+                args = evaluate_arguments(grid, run, train_dir)
+                diff = evaluation_differences(read_manifest(eval_dir), args, config)
+                if diff:
+                    stale.append(f"{name}/eval ({'; '.join(diff)})")
     return stale
 
 
@@ -245,22 +243,69 @@ def train_and_evaluate(
             log=log,
         )
     if not is_complete(eval_dir):
-        args = [
-            "evaluate",
-            "--checkpoint",
-            str(train_dir),
-            "--task",
-            *grid.tasks,
-            "--rollouts",
-            str(grid.rollouts),
-        ]
-        if grid.max_samples is not None:
-            args += ["--max-samples", str(grid.max_samples)]
-        if run in grid.knockout:
-            args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
         threads = eval_threads() if eval_threads else threads
-        run_stage(*args, *grid.evaluate_args, "--out", str(eval_dir), *extra, threads=threads, log=log)
+        args = evaluate_arguments(grid, run, train_dir)
+        run_stage(*args, "--out", str(eval_dir), *extra, threads=threads, log=log)
     return d
+
+
+def evaluate_arguments(grid: Grid, run: str, train_dir: Path) -> list[str]:
+    """The `mmehr evaluate` arguments of one run's evaluation (without --out and the progress flag)."""
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(train_dir),
+        "--task",
+        *grid.tasks,
+        "--rollouts",
+        str(grid.rollouts),
+    ]
+    if grid.max_samples is not None:
+        args += ["--max-samples", str(grid.max_samples)]
+    if run in grid.knockout:
+        args += ["--knockout"]  # every enabled modality hidden in turn, same checkpoint
+    return args + list(grid.evaluate_args)
+
+
+def evaluation_differences(manifest: dict, args: list[str], config: TrainConfig) -> list[str]:
+    """What a complete evaluation's manifest records otherwise than `mmehr evaluate` with `args` would run
+    it (config: the run's training config): "no TASK" for a task it lacks, "setting saved -> wanted" for
+    each differing setting. A setting the manifest does not record (written before it was) is not checked."""
+    from mmehr.evaluate import cli as evaluate_cli
+
+    parser = argparse.ArgumentParser(add_help=False)
+    evaluate_cli.add_arguments(parser)
+    a = parser.parse_args([*args[1:], "--out", "unused"])
+    sampler = manifest.get("sampler", {})
+    recorded = {
+        "rollouts": (sampler, "n_rollouts", a.rollouts),
+        "max-new-tokens": (sampler, "max_new_tokens", a.max_new_tokens),
+        "temperature": (sampler, "temperature", a.temperature),
+        "seed": (sampler, "seed", a.seed),
+        "max-simulated-days": (sampler, "max_simulated_days", a.max_simulated_days),
+        "context-tokens": (
+            manifest,
+            "context_tokens",
+            a.context_tokens or evaluate_cli.default_context_tokens(config.model.block_size),
+        ),
+        "split": (manifest, "split", a.split),
+        "threshold-from": (manifest, "threshold_from", a.threshold_from),
+        "hide-modality": (manifest, "hidden_modalities", list(a.hide_modality)),
+        "max-samples": (manifest, "max_samples", a.max_samples),
+        "tuning-samples": (manifest, "tuning_samples", a.tuning_samples),
+        "bootstrap": (manifest, "bootstrap", a.bootstrap),
+        "reference": (manifest, "reference", not a.no_reference),
+        "knockout": (manifest, "knockout", bool(a.knockout is not None and config.model.modalities)),
+    }
+    differ = []
+    for name, (record, key, wanted) in recorded.items():
+        if key not in record:
+            continue
+        saved = bool(record[key]) if name == "knockout" else record[key]
+        if saved != wanted:
+            differ.append(f"{name} {saved} -> {wanted}")
+    missing = [t for t in a.task if t not in manifest.get("tasks", [])]
+    return ([f"no {', '.join(missing)}"] if missing else []) + differ
 
 
 def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, float]]]:
