@@ -156,6 +156,7 @@ def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
             "p_ehr+note": np.where(symptom, 0.9, 0.2).astype(np.float32),
         }
     ).write_parquet(ev / "reference.parquet")
+    (ev.parent / "manifest.json").write_text(json.dumps({"sampler": {"n_rollouts": 20}}))
     lines = planted_signal({"run": ev.parent}, tmp_path / "truth.parquet")
 
     def cells(prefix):
@@ -163,8 +164,13 @@ def test_report_says_which_planted_condition_the_predictions_follow(tmp_path):
         return [c.strip() for c in row.strip("|").split("|")]
 
     assert cells("| run | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
-    assert cells("| reference (ehr) | icu_admission")[2:6] == ["40", "0.500", "0.500", "0.500"]
-    assert cells("| reference (ehr+note) | icu_admission")[2:6] == ["40", "0.500", "0.500", "1.000"]
+    # a reference's cell: its own AUROC; then the one its probabilities get when sampled from K = 20 futures
+    ehr, note = cells("| reference (ehr) | icu_admission"), cells("| reference (ehr+note) | icu_admission")
+    assert [c.split(";")[0] for c in ehr[2:6]] == ["40", "0.500", "0.500", "0.500"]
+    assert [c.split(";")[0] for c in note[2:6]] == ["40", "0.500", "0.500", "1.000"]
+    sampled = {name: float(row[5].split("; ")[1]) for name, row in (("ehr", ehr), ("note", note))}
+    assert sampled["note"] > 0.98  # 0.9 against 0.2: 20 draws almost never cross
+    assert abs(sampled["ehr"] - 0.5) < 0.05  # a constant 0.3 sampled is noise: chance, on average
 
 
 def test_the_report_warns_of_rollout_endings_the_data_never_has(tmp_path):

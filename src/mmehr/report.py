@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from mmehr.evaluate.metrics import auroc, paired_auroc_difference, plot_task_curves, recorded_sampled_auroc
+from mmehr.evaluate.metrics import (
+    auroc,
+    paired_auroc_difference,
+    plot_task_curves,
+    recorded_sampled_auroc,
+    sampled_auroc,
+)
 from mmehr.evaluate.scoring import unreal_end_warnings
 from mmehr.io import atomic_path, is_complete
 
@@ -306,11 +312,20 @@ def join_stays(pred: pl.DataFrame, truth: pl.DataFrame, time_col: str = "t") -> 
     return j.filter(pl.col("admit_us").is_not_null() & (pl.col(time_col) <= pl.col("end_us")))
 
 
-def _following_cells(j: pl.DataFrame, p_col: str) -> list[str]:
+def _following_cells(j: pl.DataFrame, p_col: str, rollouts: int | None = None) -> list[str]:
     """One table row's cells: the AUROC of `p_col` for each planted condition, then its Spearman
-    correlation with the EHR-visible risk."""
+    correlation with the EHR-visible risk. With `rollouts` (a reference's row), after each AUROC: the one
+    it gets with its probabilities estimated from that many sampled futures (`sampled_auroc`), what a
+    zero-shot run exactly as good as the reference could show."""
     p = j[p_col].to_numpy().astype(float)
-    cells = [f"{auroc(j[c].to_numpy().astype(int), p):.3f}" for c in PLANTED]
+    cells = []
+    for c in PLANTED:
+        y = j[c].to_numpy().astype(int)
+        cell = f"{auroc(y, p):.3f}"
+        if rollouts:
+            sampled = sampled_auroc(y, p, rollouts)["value"]
+            cell += f"; {sampled:.3f}" if np.isfinite(sampled) else ""
+        cells.append(cell)
     rank = j.select(pl.corr(p_col, "visible_risk", method="spearman")).item()
     cells.append("—" if rank is None or not np.isfinite(rank) else f"{rank:+.3f}")
     return cells
@@ -328,7 +343,7 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     """
     truth = pl.read_parquet(truth_path).select("subject_id", "admit_us", "end_us", *PLANTED, "visible_risk")
     head = "| run | task | n | " + " | ".join(PLANTED.values()) + " | EHR-visible risk (Spearman) |"
-    rows, references = [], {}
+    rows, references, rollouts = [], {}, {}
     for name, d in evals.items():
         for path in sorted(d.glob("*/predictions.parquet")):
             task = path.parent.name
@@ -341,12 +356,19 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
             ref_path = path.with_name("reference.parquet")
             if ref_path.is_file():
                 ref = pl.read_parquet(ref_path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
+                manifest = d / "manifest.json"
+                k = (
+                    json.loads(manifest.read_text()).get("sampler", {}).get("n_rollouts")
+                    if manifest.is_file()
+                    else None
+                )
                 for col in ref.columns:
                     if col.startswith("p_") and (task, col) not in references:
                         references[task, col] = join_stays(ref.select("subject_id", "t", col), truth)
+                        rollouts[task, col] = k
     for (task, col), j in sorted(references.items(), key=lambda item: item[0][0]):  # columns in file order
         if j.height >= 2:
-            cells = _following_cells(j, col)
+            cells = _following_cells(j, col, rollouts[task, col])
             rows.append(f"| reference ({col[2:]}) | {task} | {j.height} | " + " | ".join(cells) + " |")
     if not rows:
         return []
@@ -357,7 +379,9 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
         "ignores it; each condition raises the odds of every outcome, so a model that uses a modality "
         "should score above 0.5 on that modality's condition), from the generator's truth table. The "
         "'reference' rows are the supervised references on the same samples (EHR, EHR + each modality): "
-        "how far a model fit on those inputs follows each condition, what to read a run's numbers against.",
+        "how far a model fit on those inputs follows each condition, what to read a run's numbers against; "
+        "after the ';', the same had its probabilities been estimated from as many sampled futures as the "
+        "runs' (K rollouts): how far a zero-shot run exactly as good as the reference could show it.",
         "",
         head,
         "|---|---|---|" + "---|" * (len(PLANTED) + 1),
