@@ -5,7 +5,7 @@
         --seeds 0 1 2 --task hospital_mortality icu_mortality icu_admission
 
 Each argument is a run directory holding `seed<k>/eval`; the first run is compared with each of the others
-on the same samples, seed by seed (`experiments.paired_difference`): AUROC(first) - AUROC(other), the
+on the same samples, seed by seed (`ablation_tables.paired_difference`): AUROC(first) - AUROC(other), the
 mean over the seeds both finished, with the seed-pooled subject-bootstrap 95% CI, as the grids' tables
 give it. Both runs must have been evaluated on the same samples (same cohort, task and sample cap).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmehr.experiments import paired_difference
+from mmehr.ablation_tables import paired_difference
 
 
 def main() -> None:

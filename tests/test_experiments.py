@@ -209,7 +209,8 @@ def test_the_report_warns_of_rollout_endings_the_data_never_has(tmp_path):
 
 
 def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):
-    from mmehr.experiments import compare_runs, comparisons_markdown
+    from mmehr.ablation_tables import comparisons_markdown
+    from mmehr.experiments import compare_runs
 
     rng = np.random.default_rng(1)
     n = 300
@@ -251,7 +252,7 @@ def test_paired_comparisons_pool_the_seeds_on_the_same_samples(tmp_path):
     assert f"| other_grid_better | worse | t | 2 | {expected} |" in out.stdout
 
     # runs scored on other samples are refused, not compared
-    from mmehr.experiments import paired_difference
+    from mmehr.ablation_tables import paired_difference
 
     shifted = tmp_path / "shifted" / "t"
     shifted.mkdir(parents=True)

@@ -32,7 +32,6 @@ per table and task. `--jobs N` trains and evaluates N (run, seed) pairs at once,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -48,9 +47,10 @@ import numpy as np
 import polars as pl
 
 from mmehr.ablation_plots import plot_table, select
+from mmehr.ablation_tables import comparisons_markdown, paired_difference, read_metrics
 from mmehr.checkpoint import load_config_of
 from mmehr.config import from_dict, load_yaml, to_dict
-from mmehr.evaluate.metrics import pooled_paired_auroc_difference
+from mmehr.evaluate import cli as evaluate_cli
 from mmehr.io import (
     OutputLock,
     atomic_path,
@@ -271,8 +271,6 @@ def evaluation_differences(manifest: dict, args: list[str], config: TrainConfig)
     """What a complete evaluation's manifest records otherwise than `mmehr evaluate` with `args` would run
     it (config: the run's training config): "no TASK" for a task it lacks, "setting saved -> wanted" for
     each differing setting. A setting the manifest does not record (written before it was) is not checked."""
-    from mmehr.evaluate import cli as evaluate_cli
-
     parser = argparse.ArgumentParser(add_help=False)
     evaluate_cli.add_arguments(parser)
     a = parser.parse_args([*args[1:], "--out", "unused"])
@@ -306,33 +304,6 @@ def evaluation_differences(manifest: dict, args: list[str], config: TrainConfig)
             differ.append(f"{name} {saved} -> {wanted}")
     missing = [t for t in a.task if t not in manifest.get("tasks", [])]
     return ([f"no {', '.join(missing)}"] if missing else []) + differ
-
-
-def read_metrics(eval_dir: Path, task: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{variant: {metric: {value, lo, hi}}} of one task: "full", "without_<modality>" knock-outs, and
-    the supervised references: "reference:<name>" and "reference" (the one that sees what the run sees),
-    whose "zero_shot_minus_reference" is the paired AUROC difference and "auroc_at_rollouts" its AUROC
-    with its probabilities sampled like the zero-shot ones (`metrics.sampled_auroc`)."""
-    path = eval_dir / task / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: evaluation of {task} did not finish")
-    result = json.loads(path.read_text())
-    out = {"full": result["metrics"]}
-    for modality, k in (result.get("knockout") or {}).items():
-        out[f"without_{modality}"] = k["metrics"]
-    reference = result.get("reference") or {}
-    for name, r in reference.items():
-        if name != "matched":
-            out[f"reference:{name}"] = r["metrics"]
-    if reference:
-        matched = reference[reference["matched"]]
-        out["reference"] = {
-            **matched["metrics"],
-            "zero_shot_minus_reference": matched["zero_shot_minus_reference"],
-        }
-        if "auroc_at_rollouts" in matched:  # evaluations before it was recorded lack it
-            out["reference"]["auroc_at_rollouts"] = {"value": matched["auroc_at_rollouts"]["value"]}
-    return out
 
 
 def collect(grid: Grid, out: Path) -> pl.DataFrame:
@@ -428,41 +399,6 @@ def tables_markdown(grid: Grid, results: pl.DataFrame) -> tuple[str, list[dict]]
     return "\n".join(parts), records
 
 
-def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
-    path = eval_dir / task / "predictions.parquet"
-    if not path.is_file():
-        return None
-    return pl.read_parquet(path).select(
-        "subject_id", "prediction_time", "boolean_value", pl.col("predicted_boolean_probability").alias("p")
-    )
-
-
-def paired_difference(evals: list[tuple[Path, Path]], task: str) -> dict | None:
-    """AUROC(a) - AUROC(b) on the same samples for evaluation directories (a, b), one pair per seed: the
-    mean over the pairs both of whose evaluations finished, with the seed-pooled subject-bootstrap CI
-    ("seeds": how many pairs). None when no pair has both. Every pair must have scored the same samples."""
-    ys, pa, pb, groups, keys = None, [], [], None, None
-    for eval_a, eval_b in evals:
-        da, db = _predictions(eval_a, task), _predictions(eval_b, task)
-        if da is None or db is None:
-            continue
-        j = da.join(db.drop("boolean_value"), on=["subject_id", "prediction_time"], suffix="_b")
-        j = j.sort("subject_id", "prediction_time")
-        if ys is None:
-            ys, groups, keys = (
-                j["boolean_value"].to_numpy(),
-                j["subject_id"].to_numpy(),
-                j.select("subject_id", "prediction_time"),
-            )
-        elif not j.select("subject_id", "prediction_time").equals(keys):
-            raise ValueError(
-                f"{eval_a} and {eval_b} ({task}) were evaluated on other samples than {evals[0][0]}"
-            )
-        pa.append(j["p"].to_numpy())
-        pb.append(j["p_b"].to_numpy())
-    return pooled_paired_auroc_difference(ys, pa, pb, groups=groups) if pa else None
-
-
 def compare_runs(grid: Grid, out: Path) -> list[dict]:
     """Per compare pair and task: AUROC(a) - AUROC(b) on the same samples, mean over the seeds both
     finished, with the seed-pooled subject-bootstrap CI."""
@@ -474,22 +410,6 @@ def compare_runs(grid: Grid, out: Path) -> list[dict]:
             if d is not None:
                 records.append({"a": a, "b": b, "task": task, **d})
     return records
-
-
-def comparisons_markdown(records: list[dict]) -> str:
-    if not records:
-        return ""
-    lines = [
-        "### Paired comparisons (AUROC(a) - AUROC(b) on the same samples; mean over seeds, seed-pooled 95% CI)\n",
-        "| a | b | task | seeds | difference |",
-        "|---|---|---|---|---|",
-    ]
-    for r in records:
-        mark = " (CI above 0)" if r["lo"] > 0 else " (CI below 0)" if r["hi"] < 0 else ""
-        lines.append(
-            f"| {r['a']} | {r['b']} | {r['task']} | {r['seeds']} | {r['value']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]{mark} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def write_tables(grid: Grid, out: Path) -> Path:

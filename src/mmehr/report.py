@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
+from mmehr.ablation_tables import read_predictions
 from mmehr.evaluate.metrics import (
     auroc,
     paired_auroc_difference,
@@ -124,11 +125,6 @@ def _training_summary(run_dir: Path) -> str:
     return ", ".join(bits) or "finished"
 
 
-def _predictions(eval_dir: Path, task: str) -> pl.DataFrame | None:
-    path = eval_dir / task / "predictions.parquet"
-    return pl.read_parquet(path) if path.is_file() else None
-
-
 def _verdict(name: str, baseline: str, d: dict) -> str:
     """One honest sentence on a paired AUROC difference and its 95% CI."""
     if d["value"] is None or not np.isfinite(d["value"]) or not np.isfinite(d.get("lo", np.nan)):
@@ -159,7 +155,7 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
             header += f" AUROC - {baseline} |"
         lines += [header, "|---|---|---|" + "---|" * (len(HEADERS) + 2 + (1 if baseline else 0))]
         curves, verdicts, made_up = [], [], []
-        base_pred = _predictions(evals[baseline], task) if baseline else None
+        base_pred = read_predictions(evals[baseline], task) if baseline else None
         for name, d in evals.items():
             path = d / task / "metrics.json"
             if not path.is_file():
@@ -180,7 +176,7 @@ def comparison(evals: dict[str, Path], root: Path, plots: Path) -> list[str]:
                 f"- Warning: {w} (its evaluation details: where rollouts ended)."
                 for w in unreal_end_warnings(name, r.get("ends"))
             ]
-            pred = _predictions(d, task)
+            pred = read_predictions(d, task)
             if baseline:
                 diff = "—"
                 if name != baseline and pred is not None and base_pred is not None:
