@@ -148,14 +148,15 @@ def stale_runs(grid: Grid, base: Path, out: Path) -> list[str]:
             d = run_dir(out, run, seed)
             train_dir, eval_dir = d / "train", d / "eval"
             name = str(d.relative_to(out))
-            if is_complete(train_dir):
-                saved = to_dict(load_config_of(train_dir))
-                current = to_dict(load_train_config(base, run_overrides(grid, out, run, seed)))
-                diff = config_differences(saved, current)
+            trained, evaluated = is_complete(train_dir), is_complete(eval_dir)
+            if not (trained or evaluated):
+                continue
+            config = load_train_config(base, run_overrides(grid, out, run, seed))  # what the grid makes now
+            if trained:
+                diff = config_differences(to_dict(load_config_of(train_dir)), to_dict(config))
                 if diff:
                     stale.append(f"{name}/train (trained with other {', '.join(diff)})")
-            if is_complete(eval_dir):
-                config = load_train_config(base, run_overrides(grid, out, run, seed))
+            if evaluated:
                 args = evaluate_arguments(grid, run, train_dir)
                 diff = evaluation_differences(read_manifest(eval_dir), args, config)
                 if diff:

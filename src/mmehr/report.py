@@ -341,6 +341,12 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
     head = "| run | task | n | " + " | ".join(PLANTED.values()) + " | EHR-visible risk (Spearman) |"
     rows, references, rollouts = [], {}, {}
     for name, d in evals.items():
+        manifest = d / "manifest.json"  # its rollouts per sample: how the references' rows are sampled
+        k = (
+            json.loads(manifest.read_text()).get("sampler", {}).get("n_rollouts")
+            if manifest.is_file()
+            else None
+        )
         for path in sorted(d.glob("*/predictions.parquet")):
             task = path.parent.name
             pred = pl.read_parquet(path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
@@ -352,12 +358,6 @@ def planted_signal(evals: dict[str, Path], truth_path: Path) -> list[str]:
             ref_path = path.with_name("reference.parquet")
             if ref_path.is_file():
                 ref = pl.read_parquet(ref_path).with_columns(t=pl.col("prediction_time").cast(pl.Int64))
-                manifest = d / "manifest.json"
-                k = (
-                    json.loads(manifest.read_text()).get("sampler", {}).get("n_rollouts")
-                    if manifest.is_file()
-                    else None
-                )
                 for col in ref.columns:
                     if col.startswith("p_") and (task, col) not in references:
                         references[task, col] = join_stays(ref.select("subject_id", "t", col), truth)
