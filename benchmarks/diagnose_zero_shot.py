@@ -19,10 +19,16 @@ each prediction weighs each part (its log-odds fitted by least squares on the EH
 conditions: each condition's weight in units of the EHR part's, beside the planted ratio, and the share of
 the log-odds the planted parts explain: a model can weigh a condition as planted and still rank worse if
 it reads the EHR part less or adds noise: how the ECG run's ICU-admission loss was traced, README, Table
-2); last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This
+2), and whether the zero-shot's unexplained part (that fit's residual) predicts the outcome beside the
+planted parts (out-of-fold AUROC with and without it: noise, or a signal the planted parts do not name);
+last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This
 is how the ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts
 were found to leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction
 time").
+
+With `--ensemble`, after the evaluations, the same for their mean zero-shot probability on the samples
+they share (runs of several seeds: what remains of the unexplained part once each run's own noise averages
+out; docs/experiments.md, "Rollouts and the notes' following").
 
 With `--condition-effects` (evaluations optional) it first prints, per split of the cohort, how strongly
 each hidden condition alone ranks the task's outcome over all the split's stays (AUROC with a bootstrap
@@ -205,6 +211,32 @@ def planted_weights(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, cfg: dict) 
     return out
 
 
+def residual_signal(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarray, folds: int = 10) -> dict:
+    """Does the part of a prediction's log-odds `z` that the planted parts leave unexplained (the residual
+    of `planted_weights`' fit) predict the outcome? Out-of-fold AUROCs of a logistic regression of `y` on
+    the planted parts (EHR part, the three conditions), on those and the residual, and on the residual
+    alone. The first two equal: the residual is noise beside the planted risk; the second higher: the
+    prediction reads a real signal the planted parts do not name."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    planted = np.column_stack([ehr, *(d[c].cast(pl.Float64).to_numpy() for c in CONDITIONS)])
+    fit = np.column_stack([np.ones_like(ehr), planted])
+    residual = z - fit @ np.linalg.lstsq(fit, z, rcond=None)[0]
+    if min(y.sum(), (~y).sum()) < folds:
+        return {}
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    out = {}
+    for name, x in (
+        ("planted parts", planted),
+        ("planted parts + residual", np.column_stack([planted, residual])),
+        ("residual alone", residual[:, None]),
+    ):
+        p = cross_val_predict(LogisticRegression(max_iter=1000), x, y, cv=cv, method="predict_proba")[:, 1]
+        out[name] = auroc(y, p)
+    return out
+
+
 def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None) -> dict:
     """AUROCs, rank correlations, condition-following and planted weights of one task's samples
     (`samples_with_truth`); cfg: the synth manifest's config (the planted strengths); rollouts: the
@@ -251,7 +283,42 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None)
         k: planted_weights(log_odds(v, rollouts if k == "zero_shot" else None), ehr, d, cfg)
         for k, v in preds.items()
     }
+    if "zero_shot" in preds:
+        out["residual"] = residual_signal(log_odds(preds["zero_shot"], rollouts), ehr, d, y.astype(bool))
     return out
+
+
+def ensemble(members: list[tuple[pl.DataFrame, int | None]]) -> tuple[pl.DataFrame, int | None]:
+    """The evaluations' zero-shot probabilities averaged on the samples they share (`samples_with_truth`
+    frames, each with its K): an ensemble of the runs, as if one model had drawn all their rollouts. Its K
+    is the sum of theirs (None if one is unknown)."""
+    keys = ["subject_id", "prediction_time"]
+    first = members[0][0]
+    probs = [m.select(*keys, pl.col("zero_shot").alias(f"z{i}")) for i, (m, _) in enumerate(members)]
+    joined = probs[0]
+    for p in probs[1:]:
+        joined = joined.join(p, on=keys)
+    mean = joined.select(*keys, pl.mean_horizontal(pl.exclude(keys)).alias("zero_shot"))
+    samples = (
+        first.drop("zero_shot").join(mean, on=keys).drop([c for c in first.columns if c.startswith("p_")])
+    )
+    ks = [k for _, k in members]
+    return samples, (None if None in ks else sum(ks))
+
+
+def print_diagnosis(title: str, r: dict, task: str) -> None:
+    print(f"\n## {title} ({task}: n = {r['n']}, {r['positive']} positive)")
+    print(" | ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
+    print(" | ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("spearman")))
+    for key in (k for k in r if k.startswith("auroc, ")):
+        print(f"{key[7:]}: " + " | ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
+    print("follows: " + " | ".join(f"{k} {v:.2f}" for k, v in r["follows"].items() if not np.isnan(v)))
+    for k, w in r["weights"].items():
+        cells = " | ".join(f"{c} {w[c][0]:+.2f} x EHR (planted {w[c][1]:.1f})" for c in CONDITIONS)
+        print(f"weighs ({k} log-odds): EHR part {w['EHR part']:.3f} | {cells} | R2 {w['r2']:.2f}")
+    if r.get("residual"):
+        cells = " | ".join(f"{k} {v:.3f}" for k, v in r["residual"].items())
+        print(f"the outcome from the planted parts and the zero-shot's residual (10-fold AUROC): {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         "--real-split",
         help="for --decided-by: the real stays of this split, all of them (default: the evaluated samples)",
     )
+    ap.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="last, the same for the evaluations' mean zero-shot probability on the samples they share "
+        "(runs of several seeds: does their following grow when their own noise averages out?)",
+    )
     ap.add_argument("evals", nargs="*", type=Path, help="`mmehr evaluate` output directories")
     args = ap.parse_args(argv)
     truth = pl.read_parquet(args.synth / "truth.parquet")
@@ -291,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['split']} ({r['n']} stays, {r['positive']} positive): {cells}")
     elif not args.evals:
         ap.error("give evaluation directories, --condition-effects, or both")
+    if args.ensemble and len(args.evals) < 2:
+        ap.error("--ensemble needs two evaluations or more")
+    members = []
     for eval_dir in args.evals:
         manifest = (
             json.loads((eval_dir / "manifest.json").read_text())
@@ -298,16 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         )
         rollouts = manifest.get("sampler", {}).get("n_rollouts")
-        r = diagnose(samples_with_truth(eval_dir, args.task, truth), args.task, cfg, rollouts)
-        print(f"\n## {eval_dir} ({args.task}: n = {r['n']}, {r['positive']} positive)")
-        print(" | ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items()))
-        print(" | ".join(f"{k} {v:.3f}" for k, v in r.items() if k.startswith("spearman")))
-        for key in (k for k in r if k.startswith("auroc, ")):
-            print(f"{key[7:]}: " + " | ".join(f"{k} {v:.3f}" for k, v in r[key].items()))
-        print("follows: " + " | ".join(f"{k} {v:.2f}" for k, v in r["follows"].items() if not np.isnan(v)))
-        for k, w in r["weights"].items():
-            cells = " | ".join(f"{c} {w[c][0]:+.2f} x EHR (planted {w[c][1]:.1f})" for c in CONDITIONS)
-            print(f"weighs ({k} log-odds): EHR part {w['EHR part']:.3f} | {cells} | R2 {w['r2']:.2f}")
+        samples = samples_with_truth(eval_dir, args.task, truth)
+        members.append((samples, rollouts))
+        print_diagnosis(f"{eval_dir}", diagnose(samples, args.task, cfg, rollouts), args.task)
         if (eval_dir / args.task / "rollouts.parquet").is_file():
             ends, real = rollout_ends(eval_dir, args.task)
             print("rollouts ended: " + " | ".join(f"{k} {v:.1%}" for k, v in ends.items()))
@@ -340,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                     for k in ("rollouts", "real")
                 )
                 print(f"  {row['value']}: {cells}")
+    if args.ensemble:
+        samples, rollouts = ensemble(members)
+        title = f"ensemble of {len(members)} evaluations (mean zero-shot probability)"
+        print_diagnosis(title, diagnose(samples, args.task, cfg, rollouts), args.task)
     return 0
 
 

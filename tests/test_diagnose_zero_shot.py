@@ -20,8 +20,10 @@ from diagnose_zero_shot import (
     condition_effects,
     decided_by,
     diagnose,
+    ensemble,
     log_odds,
     planted_weights,
+    residual_signal,
     rollout_ends,
     samples_with_truth,
 )
@@ -190,6 +192,24 @@ def test_planted_weights_read_each_condition_in_units_of_the_ehr_part() -> None:
     assert noisy["af"][0] == pytest.approx(7.0, rel=0.1) and noisy["r2"] < 0.9
 
 
+def test_a_residual_counts_only_where_it_predicts_the_outcome() -> None:
+    """Noise beside the planted parts adds nothing to them; a signal they do not name (a stand-in for a lab
+    trend the generator puts beside its risk) does."""
+    rng = np.random.default_rng(2)
+    n = 1500
+    truth = _truth(n, rng)
+    ehr = truth["visible_risk"].to_numpy()
+    extra = rng.normal(size=n)  # a risk factor outside the planted parts
+    y = rng.random(n) < 1 / (1 + np.exp(-(ehr + 2.0 * extra)))
+    noise = residual_signal(ehr + rng.normal(0, 1.0, n), ehr, truth, y)
+    assert abs(noise["planted parts + residual"] - noise["planted parts"]) < 0.01
+    assert abs(noise["residual alone"] - 0.5) < 0.05
+    real = residual_signal(ehr + extra, ehr, truth, y)
+    assert real["planted parts + residual"] > real["planted parts"] + 0.1
+    assert real["residual alone"] > 0.7
+    assert residual_signal(ehr, ehr, truth, np.arange(n) < 5) == {}  # too few positives for 10 folds
+
+
 def test_log_odds_of_rollout_fractions_stay_finite() -> None:
     z = log_odds(np.array([0.0, 0.5, 1.0]), rollouts=20)
     assert z[1] == 0.0 and z[0] == pytest.approx(-np.log(41)) and z[2] == -z[0]
@@ -243,3 +263,28 @@ def test_decided_by_groups_rollouts_and_real_stays_by_the_first_value(
     rollouts.drop("tokens").write_parquet(task / "rollouts.parquet")
     with pytest.raises(SystemExit, match="--save-tokens"):
         decided_by(tmp_path / "eval", "icu_mortality", store, code)
+
+
+def test_an_ensemble_averages_the_runs_on_the_samples_they_share() -> None:
+    rng = np.random.default_rng(3)
+    truth = _truth(300, rng)
+    t = truth["admit_us"].to_numpy()
+    base = pl.DataFrame({"subject_id": truth["subject_id"], "prediction_time": t, "p_ehr": rng.random(300)})
+    base = base.join(truth, on="subject_id", how="left").filter(
+        pl.col("admit_us") == pl.col("prediction_time")
+    )
+    signal = base["symptom"].to_numpy().astype(float)
+    # Two runs that each follow the symptoms through their own noise; the second lacks its first 10 samples.
+    runs = [signal + rng.normal(0, 1.5, base.height) for _ in range(2)]
+    members = [
+        (base.with_columns(zero_shot=pl.Series(1 / (1 + np.exp(-runs[0])))), 20),
+        (base.with_columns(zero_shot=pl.Series(1 / (1 + np.exp(-runs[1]))))[10:], 20),
+    ]
+    samples, k = ensemble(members)
+    assert k == 40 and samples.height == base.height - 10 and "p_ehr" not in samples.columns
+    expected = (members[0][0]["zero_shot"].to_numpy()[10:] + members[1][0]["zero_shot"].to_numpy()) / 2
+    got = samples.sort("prediction_time")["zero_shot"].to_numpy()
+    assert np.allclose(got, expected[np.argsort(members[1][0]["prediction_time"].to_numpy())])
+    follows = [roc_auc_score(m[0]["symptom"], m[0]["zero_shot"]) for m in members]
+    assert roc_auc_score(samples["symptom"], samples["zero_shot"]) > max(follows)  # their noise averages out
+    assert ensemble([(members[0][0], 20), (members[1][0], None)])[1] is None  # an unknown K is not guessed
