@@ -20,7 +20,9 @@ conditions: each condition's weight in units of the EHR part's, beside the plant
 the log-odds the planted parts explain: a model can weigh a condition as planted and still rank worse if
 it reads the EHR part less or adds noise: how the ECG run's ICU-admission loss was traced, README, Table
 2), and whether the zero-shot's unexplained part (that fit's residual) predicts the outcome beside the
-planted parts (out-of-fold AUROC with and without it: noise, or a signal the planted parts do not name);
+planted parts (out-of-fold AUROC with and without it: noise, or a signal the planted parts do not name)
+and goes with each supervised reference's own (the inputs' noise, which any model of them reads, or the
+zero-shot model's own);
 last, how the rollouts ended (by the token they stopped on) beside how the real timelines did. This
 is how the ICU-mortality gap was traced (README, "What the demo shows"), and how multimodal rollouts
 were found to leave the ICU without an ICU discharge (docs/experiments.md, "Media after the prediction
@@ -198,17 +200,28 @@ def log_odds(p: np.ndarray, rollouts: int | None) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def planted_design(ehr: np.ndarray, d: pl.DataFrame) -> np.ndarray:
+    """The columns 1, EHR part, af, opacity, symptom of a least-squares fit on the planted parts."""
+    return np.column_stack([np.ones_like(ehr), ehr, *(d[c].cast(pl.Float64).to_numpy() for c in CONDITIONS)])
+
+
 def planted_weights(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, cfg: dict) -> dict:
     """Least squares z ~ 1 + EHR part + af + opacity + symptom. Returns the EHR part's weight, each
     condition's weight divided by it beside the planted ratio (its strength: the EHR part is in planted
     log-odds already), and R^2 (the share of z's variance the planted parts explain)."""
-    x = np.column_stack([np.ones_like(ehr), ehr, *(d[c].cast(pl.Float64).to_numpy() for c in CONDITIONS)])
+    x = planted_design(ehr, d)
     beta = np.linalg.lstsq(x, z, rcond=None)[0]
     r2 = 1 - float(((z - x @ beta) ** 2).sum() / ((z - z.mean()) ** 2).sum())
     out = {"EHR part": float(beta[1]), "r2": r2}
     for c, b in zip(CONDITIONS, beta[2:], strict=True):
         out[c] = (float(b / beta[1]) if beta[1] else np.nan, float(cfg.get(STRENGTHS[c], np.nan)))
     return out
+
+
+def planted_residual(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame) -> np.ndarray:
+    """What of log-odds `z` the planted parts leave unexplained: the residual of `planted_weights`' fit."""
+    x = planted_design(ehr, d)
+    return z - x @ np.linalg.lstsq(x, z, rcond=None)[0]
 
 
 def residual_signal(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarray, folds: int = 10) -> dict:
@@ -220,9 +233,8 @@ def residual_signal(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarr
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    planted = np.column_stack([ehr, *(d[c].cast(pl.Float64).to_numpy() for c in CONDITIONS)])
-    fit = np.column_stack([np.ones_like(ehr), planted])
-    residual = z - fit @ np.linalg.lstsq(fit, z, rcond=None)[0]
+    planted = planted_design(ehr, d)[:, 1:]
+    residual = planted_residual(z, ehr, d)
     if min(y.sum(), (~y).sum()) < folds:
         return {}
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
@@ -284,14 +296,21 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None)
         for k, v in preds.items()
     }
     if "zero_shot" in preds:
-        out["residual"] = residual_signal(log_odds(preds["zero_shot"], rollouts), ehr, d, y.astype(bool))
+        z = log_odds(preds["zero_shot"], rollouts)
+        out["residual"] = residual_signal(z, ehr, d, y.astype(bool))
+        # Is it the inputs' (a supervised reference reading the same context deviates alike) or the model's?
+        mine = planted_residual(z, ehr, d)
+        for k in (k for k in preds if k.startswith("p_")):
+            theirs = planted_residual(log_odds(preds[k], None), ehr, d)
+            out["residual"][f"correlation with {k}'s"] = float(np.corrcoef(mine, theirs)[0, 1])
     return out
 
 
 def ensemble(members: list[tuple[pl.DataFrame, int | None]]) -> tuple[pl.DataFrame, int | None]:
     """The evaluations' zero-shot probabilities averaged on the samples they share (`samples_with_truth`
     frames, each with its K): an ensemble of the runs, as if one model had drawn all their rollouts. Its K
-    is the sum of theirs (None if one is unknown)."""
+    is the sum of theirs (None if one is unknown); the references are the first evaluation's (a supervised
+    reference does not depend on the training seed)."""
     keys = ["subject_id", "prediction_time"]
     first = members[0][0]
     probs = [m.select(*keys, pl.col("zero_shot").alias(f"z{i}")) for i, (m, _) in enumerate(members)]
@@ -299,9 +318,7 @@ def ensemble(members: list[tuple[pl.DataFrame, int | None]]) -> tuple[pl.DataFra
     for p in probs[1:]:
         joined = joined.join(p, on=keys)
     mean = joined.select(*keys, pl.mean_horizontal(pl.exclude(keys)).alias("zero_shot"))
-    samples = (
-        first.drop("zero_shot").join(mean, on=keys).drop([c for c in first.columns if c.startswith("p_")])
-    )
+    samples = first.drop("zero_shot").join(mean, on=keys)
     ks = [k for _, k in members]
     return samples, (None if None in ks else sum(ks))
 
@@ -318,7 +335,10 @@ def print_diagnosis(title: str, r: dict, task: str) -> None:
         print(f"weighs ({k} log-odds): EHR part {w['EHR part']:.3f} | {cells} | R2 {w['r2']:.2f}")
     if r.get("residual"):
         cells = " | ".join(f"{k} {v:.3f}" for k, v in r["residual"].items())
-        print(f"the outcome from the planted parts and the zero-shot's residual (10-fold AUROC): {cells}")
+        print(
+            "the outcome from the planted parts and the zero-shot's residual (10-fold AUROC), and that "
+            f"residual's correlation with each reference's: {cells}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
