@@ -224,17 +224,18 @@ def planted_residual(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame) -> np.ndar
     return z - x @ np.linalg.lstsq(x, z, rcond=None)[0]
 
 
-def residual_signal(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarray, folds: int = 10) -> dict:
-    """Does the part of a prediction's log-odds `z` that the planted parts leave unexplained (the residual
-    of `planted_weights`' fit) predict the outcome? Out-of-fold AUROCs of a logistic regression of `y` on
-    the planted parts (EHR part, the three conditions), on those and the residual, and on the residual
-    alone. The first two equal: the residual is noise beside the planted risk; the second higher: the
-    prediction reads a real signal the planted parts do not name."""
+def residual_signal(
+    residual: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarray, folds: int = 10
+) -> dict:
+    """Does the part of a prediction's log-odds that the planted parts leave unexplained (`residual`, from
+    `planted_residual`) predict the outcome? Out-of-fold AUROCs of a logistic regression of `y` on the
+    planted parts (EHR part, the three conditions), on those and the residual, and on the residual alone.
+    The first two equal: the residual is noise beside the planted risk; the second higher: the prediction
+    reads a real signal the planted parts do not name."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     planted = planted_design(ehr, d)[:, 1:]
-    residual = planted_residual(z, ehr, d)
     if min(y.sum(), (~y).sum()) < folds:
         return {}
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
@@ -296,10 +297,9 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None)
         for k, v in preds.items()
     }
     if "zero_shot" in preds:
-        z = log_odds(preds["zero_shot"], rollouts)
-        out["residual"] = residual_signal(z, ehr, d, y.astype(bool))
+        mine = planted_residual(log_odds(preds["zero_shot"], rollouts), ehr, d)
+        out["residual"] = residual_signal(mine, ehr, d, y.astype(bool))
         # Is it the inputs' (a supervised reference reading the same context deviates alike) or the model's?
-        mine = planted_residual(z, ehr, d)
         for k in (k for k in preds if k.startswith("p_")):
             theirs = planted_residual(log_odds(preds[k], None), ehr, d)
             out["residual"][f"correlation with {k}'s"] = float(np.corrcoef(mine, theirs)[0, 1])

@@ -22,6 +22,7 @@ from diagnose_zero_shot import (
     diagnose,
     ensemble,
     log_odds,
+    planted_residual,
     planted_weights,
     residual_signal,
     rollout_ends,
@@ -201,13 +202,13 @@ def test_a_residual_counts_only_where_it_predicts_the_outcome() -> None:
     ehr = truth["visible_risk"].to_numpy()
     extra = rng.normal(size=n)  # a risk factor outside the planted parts
     y = rng.random(n) < 1 / (1 + np.exp(-(ehr + 2.0 * extra)))
-    noise = residual_signal(ehr + rng.normal(0, 1.0, n), ehr, truth, y)
+    noise = residual_signal(planted_residual(ehr + rng.normal(0, 1.0, n), ehr, truth), ehr, truth, y)
     assert abs(noise["planted parts + residual"] - noise["planted parts"]) < 0.01
     assert abs(noise["residual alone"] - 0.5) < 0.05
-    real = residual_signal(ehr + extra, ehr, truth, y)
+    real = residual_signal(planted_residual(ehr + extra, ehr, truth), ehr, truth, y)
     assert real["planted parts + residual"] > real["planted parts"] + 0.1
     assert real["residual alone"] > 0.7
-    assert residual_signal(ehr, ehr, truth, np.arange(n) < 5) == {}  # too few positives for 10 folds
+    assert residual_signal(extra, ehr, truth, np.arange(n) < 5) == {}  # too few positives for 10 folds
 
 
 def test_log_odds_of_rollout_fractions_stay_finite() -> None:
@@ -270,8 +271,10 @@ def test_an_ensemble_averages_the_runs_on_the_samples_they_share() -> None:
     truth = _truth(300, rng)
     t = truth["admit_us"].to_numpy()
     base = pl.DataFrame({"subject_id": truth["subject_id"], "prediction_time": t, "p_ehr": rng.random(300)})
-    base = base.join(truth, on="subject_id", how="left").filter(
-        pl.col("admit_us") == pl.col("prediction_time")
+    base = (
+        base.join(truth, on="subject_id", how="left")
+        .filter(pl.col("admit_us") == pl.col("prediction_time"))
+        .sort("prediction_time")
     )
     signal = base["symptom"].to_numpy().astype(float)
     # Two runs that each follow the symptoms through their own noise; the second lacks its first 10 samples.
@@ -284,8 +287,7 @@ def test_an_ensemble_averages_the_runs_on_the_samples_they_share() -> None:
     assert k == 40 and samples.height == base.height - 10
     assert (samples.sort("prediction_time")["p_ehr"] == base["p_ehr"][10:]).all()  # the first's references
     expected = (members[0][0]["zero_shot"].to_numpy()[10:] + members[1][0]["zero_shot"].to_numpy()) / 2
-    got = samples.sort("prediction_time")["zero_shot"].to_numpy()
-    assert np.allclose(got, expected[np.argsort(members[1][0]["prediction_time"].to_numpy())])
+    assert np.allclose(samples.sort("prediction_time")["zero_shot"].to_numpy(), expected)
     follows = [roc_auc_score(m[0]["symptom"], m[0]["zero_shot"]) for m in members]
     assert roc_auc_score(samples["symptom"], samples["zero_shot"]) > max(follows)  # their noise averages out
     assert ensemble([(members[0][0], 20), (members[1][0], None)])[1] is None  # an unknown K is not guessed
