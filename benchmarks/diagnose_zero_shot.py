@@ -19,7 +19,10 @@ each prediction weighs each part (its log-odds fitted by least squares on the EH
 conditions: each condition's weight in units of the EHR part's, beside the planted ratio, and the share of
 the log-odds the planted parts explain: a model can weigh a condition as planted and still rank worse if
 it reads the EHR part less or adds noise: how the ECG run's ICU-admission loss was traced, README, Table
-2), and whether the zero-shot's unexplained part (that fit's residual) predicts the outcome beside the
+2), the following again on a subject's first stay and on its later ones apart, with how much each
+prediction weighs an earlier stay's condition beside this stay's (the generator draws the conditions per
+stay: an earlier stay's ECG, X-ray or note says nothing of this stay's risk, and a model that cannot tell
+the events' stays apart reads it as this stay's), and whether the zero-shot's unexplained part (that fit's residual) predicts the outcome beside the
 planted parts (out-of-fold AUROC with and without it: noise, or a signal the planted parts do not name)
 and goes with each supervised reference's own (the inputs' noise, which any model of them reads, or the
 zero-shot model's own);
@@ -224,6 +227,32 @@ def planted_residual(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame) -> np.ndar
     return z - x @ np.linalg.lstsq(x, z, rcond=None)[0]
 
 
+def with_earlier_conditions(truth: pl.DataFrame) -> pl.DataFrame:
+    """truth plus `earlier_<condition>` per hidden condition: whether an earlier stay of the same subject
+    had it. The generator draws the conditions per stay, so an earlier stay's ECG, X-ray or note (in the
+    context of every later stay) says nothing of this stay's risk."""
+    ordered = truth.sort("subject_id", "stay_index")
+    return ordered.with_columns(
+        ((pl.col(c).cast(pl.Int32).cum_sum().over("subject_id") - pl.col(c).cast(pl.Int32)) > 0).alias(
+            f"earlier_{c}"
+        )
+        for c in CONDITIONS
+    )
+
+
+def earlier_weights(z: np.ndarray, ehr: np.ndarray, d: pl.DataFrame) -> dict:
+    """Least squares z ~ 1 + EHR part + the three conditions + later stay + the three earlier-stay
+    conditions (`with_earlier_conditions`). Per condition: (this stay's weight, an earlier stay's weight),
+    both in units of the EHR part's. A model that reads each event's stay weighs the earlier one at 0."""
+    later = (d["stay_index"].to_numpy() > 0).astype(float)
+    earlier = [d[f"earlier_{c}"].cast(pl.Float64).to_numpy() for c in CONDITIONS]
+    x = np.column_stack([planted_design(ehr, d), later, *earlier])
+    beta = np.linalg.lstsq(x, z, rcond=None)[0]
+    if not beta[1]:
+        return {c: (np.nan, np.nan) for c in CONDITIONS}
+    return {c: (float(beta[2 + i] / beta[1]), float(beta[6 + i] / beta[1])) for i, c in enumerate(CONDITIONS)}
+
+
 def residual_signal(
     residual: np.ndarray, ehr: np.ndarray, d: pl.DataFrame, y: np.ndarray, folds: int = 10
 ) -> dict:
@@ -296,6 +325,18 @@ def diagnose(d: pl.DataFrame, task: str, cfg: dict, rollouts: int | None = None)
         k: planted_weights(log_odds(v, rollouts if k == "zero_shot" else None), ehr, d, cfg)
         for k, v in preds.items()
     }
+    if "earlier_symptom" in d.columns:  # the same on a subject's first stay and on its later ones
+        later = d["stay_index"].to_numpy() > 0
+        out["stays"] = {"first": int((~later).sum()), "later": int(later.sum())}
+        out["follows by stay"] = {
+            f"{k} ~ {c}": tuple(auroc(d[c].to_numpy()[m], v[m]) for m in (~later, later))
+            for c in CONDITIONS
+            for k, v in preds.items()
+        }
+        out["earlier"] = {
+            k: earlier_weights(log_odds(v, rollouts if k == "zero_shot" else None), ehr, d)
+            for k, v in preds.items()
+        }
     if "zero_shot" in preds:
         mine = planted_residual(log_odds(preds["zero_shot"], rollouts), ehr, d)
         out["residual"] = residual_signal(mine, ehr, d, y.astype(bool))
@@ -333,6 +374,13 @@ def print_diagnosis(title: str, r: dict, task: str) -> None:
     for k, w in r["weights"].items():
         cells = " | ".join(f"{c} {w[c][0]:+.2f} x EHR (planted {w[c][1]:.1f})" for c in CONDITIONS)
         print(f"weighs ({k} log-odds): EHR part {w['EHR part']:.3f} | {cells} | R2 {w['r2']:.2f}")
+    if "follows by stay" in r:
+        first, later = r["stays"]["first"], r["stays"]["later"]
+        cells = " | ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in r["follows by stay"].items())
+        print(f"follows, a subject's first stay ({first}) / a later one ({later}): {cells}")
+        for k, w in r["earlier"].items():
+            cells = " | ".join(f"{c} {w[c][0]:+.2f} / {w[c][1]:+.2f}" for c in CONDITIONS)
+            print(f"weighs ({k}) this stay's condition / an earlier stay's, x EHR: {cells}")
     if r.get("residual"):
         cells = " | ".join(f"{k} {v:.3f}" for k, v in r["residual"].items())
         print(
@@ -371,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("evals", nargs="*", type=Path, help="`mmehr evaluate` output directories")
     args = ap.parse_args(argv)
-    truth = pl.read_parquet(args.synth / "truth.parquet")
+    truth = with_earlier_conditions(pl.read_parquet(args.synth / "truth.parquet"))
     cfg = json.loads((args.synth / "manifest.json").read_text())["config"]
     if args.condition_effects:
         print(

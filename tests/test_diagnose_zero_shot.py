@@ -20,6 +20,7 @@ from diagnose_zero_shot import (
     condition_effects,
     decided_by,
     diagnose,
+    earlier_weights,
     ensemble,
     log_odds,
     planted_residual,
@@ -27,6 +28,7 @@ from diagnose_zero_shot import (
     residual_signal,
     rollout_ends,
     samples_with_truth,
+    with_earlier_conditions,
 )
 
 HOUR = 3_600_000_000
@@ -209,6 +211,56 @@ def test_a_residual_counts_only_where_it_predicts_the_outcome() -> None:
     assert real["planted parts + residual"] > real["planted parts"] + 0.1
     assert real["residual alone"] > 0.7
     assert residual_signal(extra, ehr, truth, np.arange(n) < 5) == {}  # too few positives for 10 folds
+
+
+def test_an_earlier_stays_condition_is_told_apart_from_this_stays() -> None:
+    """`earlier_<c>` marks the stays after one that had c (of the same subject, in stay order, whatever
+    the table's order); a prediction that reads an earlier stay's symptoms as this stay's weighs both."""
+    truth = pl.DataFrame(
+        {
+            "subject_id": [2, 1, 1, 1, 2],
+            "stay_index": [0, 2, 0, 1, 1],
+            "af": [False] * 5,
+            "opacity": [False, True, False, False, False],
+            "symptom": [True, False, True, False, False],
+        }
+    )
+    marked = with_earlier_conditions(truth).sort("subject_id", "stay_index")
+    assert marked["earlier_symptom"].to_list() == [False, True, True, False, True]
+    assert not marked["earlier_opacity"].any()  # a stay's own condition is not an earlier one
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    subjects = np.repeat(np.arange(n // 3), 3)
+    stays = pl.DataFrame(
+        {
+            "subject_id": subjects,
+            "stay_index": np.tile(np.arange(3), n // 3),
+            **{c: rng.random(n) < 0.25 for c in ("af", "opacity", "symptom")},
+        }
+    )
+    d = with_earlier_conditions(stays)
+    ehr = rng.normal(size=n)
+    this, earlier = d["symptom"].cast(pl.Float64).to_numpy(), d["earlier_symptom"].cast(pl.Float64).to_numpy()
+    apart = earlier_weights(0.5 * (ehr + 3.5 * this), ehr, d)
+    assert apart["symptom"] == pytest.approx((3.5, 0.0), abs=1e-9)
+    confused = earlier_weights(0.5 * (ehr + 2.0 * this + 2.0 * earlier), ehr, d)
+    assert confused["symptom"] == pytest.approx((2.0, 2.0), abs=1e-9)
+    assert confused["af"] == pytest.approx((0.0, 0.0), abs=1e-9)
+
+    # diagnose() shows both, and each prediction's following on first and on later stays apart.
+    z = ehr + 3.5 * this + 3.5 * earlier * (d["stay_index"].to_numpy() > 0)
+    d = d.with_columns(
+        boolean_value=pl.Series(rng.random(n) < 1 / (1 + np.exp(-(ehr + 3.5 * this)))),
+        visible_risk=pl.Series(ehr),
+        hidden_risk=pl.Series(3.5 * this),
+        zero_shot=pl.Series(1 / (1 + np.exp(-z))),
+    )
+    r = diagnose(d, "icu_admission", {"ehr_strength": 1.0, "note_strength": 3.5})
+    assert r["stays"] == {"first": n // 3, "later": 2 * n // 3}
+    first, later = r["follows by stay"]["zero_shot ~ symptom"]
+    assert first > 0.75 and later < first - 0.05  # an earlier stay's symptoms blur this stay's
+    assert r["earlier"]["zero_shot"]["symptom"][1] > 2.0
 
 
 def test_log_odds_of_rollout_fractions_stay_finite() -> None:
