@@ -417,13 +417,42 @@ def row(m, tokens, times, media, b, n):
     return m(tokens[b : b + 1, :n], times[b : b + 1, :n], media=media.select(torch.tensor([b])))[0][0]
 
 
+def test_a_capped_modality_shows_each_token_its_own_k_most_recent_events():
+    """k_visible = 1 (per-token retrieval): each token's cross-attention sees only the latest event acquired
+    strictly before it, as if its row carried that event alone; so what a token computes never depends on
+    an event after it, though that event pushes the earlier one out for the tokens after it."""
+    m = model()
+    tokens, times, mods = batch()  # events at 2.5 h, 6 h, 11.5 h; tokens hourly (8 and 9 both at 8 h)
+    note = mods["note"]
+    capped = dataclasses.replace(note, k_visible=1)
+    mask = m.fusion.context(times, m.encode_media({"note": capped})).mask
+    hours = (times - T0) / HOUR
+    for e, (lo, hi) in enumerate([(2.5, 6.0), (6.0, 11.5), (11.5, math.inf)]):
+        alone = dataclasses.replace(note, event_mask=note.event_mask & (torch.arange(3) == e))
+        seen = (hours > lo) & (hours <= hi)
+        assert torch.equal(
+            mask[:, 0][seen], m.fusion.context(times, m.encode_media({"note": alone})).mask[:, 0][seen]
+        )
+    out = m(tokens, times, {"note": capped})[0]
+    without_last = dataclasses.replace(capped, event_mask=note.event_mask & (torch.arange(3) < 2))
+    before = hours <= 11.5
+    torch.testing.assert_close(
+        m(tokens, times, {"note": without_last})[0][before], out[before], rtol=0, atol=1e-6
+    )
+    uncapped = m(tokens, times, mods)[0]
+    torch.testing.assert_close(out[hours <= 6.0], uncapped[hours <= 6.0], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[hours > 6.0], uncapped[hours > 6.0])  # there they see 2 or 3 events
+
+
+@pytest.mark.parametrize("k_visible", [None, 1])
 @pytest.mark.parametrize("time_bias", [False, True])
 @pytest.mark.parametrize("compression", MODES)
-def test_cached_decoding_with_media_equals_full_recomputation(compression, time_bias):
+def test_cached_decoding_with_media_equals_full_recomputation(compression, time_bias, k_visible):
     m = model(compression, time_bias=time_bias)
     if time_bias:
         torch.nn.init.normal_(m.fusion.time_bias.table, std=1.0)
     tokens, times, mods = batch(B=3, T=16)
+    mods = {"note": dataclasses.replace(mods["note"], k_visible=k_visible)}  # 1: each token its latest event
     media = m.encode_media(mods)
     kv_calls = []
     for block in m.fusion.xattn.values():

@@ -117,6 +117,33 @@ def test_events_are_the_k_most_recent_strictly_before_the_last_input_token(train
     assert m.event_mask.any() and not m.event_mask.all()  # both cases occur in the batch
 
 
+def test_token_retrieval_carries_every_event_a_token_of_the_row_may_see(train_store, notes):
+    """media_retrieval="token": a row carries its K most recent events before its first timeline token and
+    every event from then until its last input token, with k_visible = K; a token's own K most recent
+    events are then all in the row. "window" (the default) keeps K in all, k_visible None."""
+    windows = {
+        r: TrainWindows(train_store, 64, {"note": notes}, K, seed=3, media_retrieval=r)
+        for r in ("window", "token")
+    }
+    rows = windows["token"].plan(0)[:64]
+    by_token, by_window = (windows[r].batch(rows).modalities["note"] for r in ("token", "window"))
+    assert by_window.k_visible is None and by_window.event_mask.shape[1] == K
+    assert by_token.k_visible == K and by_token.event_mask.shape[1] > K
+    batch = windows["token"].batch(rows)
+    P = train_store.static_len
+    for b, (i, _start, stop) in enumerate(rows):
+        sid = int(train_store.subject_ids[i])
+        first, at = int(batch.times[b, P]), int(train_store.timeline(int(i))[1][stop - 2])
+        mine = np.sort(notes.time[notes.subject == sid])
+        expected = np.concatenate([mine[(mine >= first) & (mine < at)], mine[mine < first][-K:]])
+        got = by_token.event_time[b][by_token.event_mask[b]].tolist()
+        assert got == np.sort(expected)[::-1].tolist()  # most recent first
+        for t in batch.times[b, : batch.lengths[b]].tolist():  # each token's own K most recent are there
+            assert set(mine[mine < t][-K:].tolist()) <= set(got)
+    with pytest.raises(ValueError, match="media_retrieval"):
+        assemble(train_store, [(0, 0, 10)], {"note": notes}, K, last_is_target=True, media_retrieval="all")
+
+
 def test_an_event_at_exactly_the_last_token_time_is_not_retrieved(train_store, notes):
     sid = int(train_store.subject_ids[0])
     t_event = int(np.sort(notes.time[notes.subject == sid])[2])  # an event placed at a token's time

@@ -24,7 +24,9 @@ class ModalityInputs:
     Raw payloads (a finetuned encoder, run inside the model): payload, name -> tensor (B, K_m, ...), the
     encoder's prepared inputs per event (token ids, pixels, waveform segments); emb and token_mask are None.
     Both: event_time (B, K_m) int64 µs, acquisition time; event_mask (B, K_m) bool, event present (False =
-    padding / absent).
+    padding / absent). k_visible: each token sees at most this many of its row's events, the most recent
+    ones acquired before it (per-token retrieval: the row then carries more events than any token sees);
+    None: a token sees every event of its row acquired before it.
     """
 
     emb: Tensor | None
@@ -32,6 +34,7 @@ class ModalityInputs:
     event_time: Tensor
     event_mask: Tensor
     payload: dict[str, Tensor] | None = None
+    k_visible: int | None = None
 
     def _map(self, fn) -> ModalityInputs:
         return ModalityInputs(
@@ -40,6 +43,7 @@ class ModalityInputs:
             fn(self.event_time),
             fn(self.event_mask),
             None if self.payload is None else {k: fn(v) for k, v in self.payload.items()},
+            self.k_visible,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ModalityInputs:

@@ -71,6 +71,10 @@ class DataConfig:
     stride: int = 0  # stride sampling: tokens between window starts (0: the window length)
     modalities: dict[str, ModalityData] = field(default_factory=dict)
     workers: int = 0  # DataLoader worker processes building batches (0: in the training process)
+    # which events a token sees: "window", each modality's k_max most recent before the window's last token
+    # (the paper's; a token's visible events then depend on the events after it in its window), or
+    # "token", each token its own k_max most recent before it (mmehr.data.windows)
+    media_retrieval: Literal["window", "token"] = "window"
 
 
 @dataclass

@@ -95,6 +95,7 @@ def make_windows(config: TrainConfig, split: str, sampling: str, seed: int) -> T
         TimelineStore(d.timelines, split), config.model.block_size, modality_stores(config),
         {n: m.k_max for n, m in mods.items()}, max_tokens={n: m.max_tokens for n, m in mods.items()},
         sampling=sampling, stride=d.stride, seed=seed, pad_to_block=config.run.compile,
+        media_retrieval=d.media_retrieval,
     )  # fmt: skip
 
 

@@ -12,7 +12,14 @@ One row of a batch is built the same way for training and for evaluation (`assem
 
 Retrieval only chooses which events a row carries; the model's per-token strict mask
 (`event_time < t_i`) then decides what each position sees, so a token never sees an event acquired at or
-after its own time.
+after its own time. But with the K_m cap at the row's retrieval time (`media_retrieval="window"`, the
+paper's retrieval and the default), WHICH earlier events a token sees depends on the events after it: an
+event the row's later events push out of the K_m is invisible to every token of the row, so in training a
+token's visible events tell of what follows it in its window (the ones a rollout's generated tokens see
+never do). `media_retrieval="token"` gives each token its own K_m most recent events acquired before it:
+the row carries its K_m events before its first timeline token and every event after that up to the
+retrieval time, and `ModalityInputs.k_visible = K_m` tells the model to keep, per token, the K_m most
+recent it may see (`mmehr.model.fusion`). A token's visible events then depend on its own time alone.
 
 Training (`TrainWindows`): an epoch is a plan of windows over one split, a pure function of (seed, epoch):
 `random` draws ceil((L - 1) / (W - 1)) window starts per timeline of L tokens uniformly (W = block_size -
@@ -25,6 +32,7 @@ optimizer step with index j % world_size == r. Every row is numpy slicing of mem
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
@@ -57,6 +65,7 @@ def assemble(
     max_tokens: Mapping[str, int | None] | None = None,
     pad_to: int | None = None,
     unsafe_ignore_event_time: bool = False,
+    media_retrieval: Literal["window", "token"] = "window",
 ) -> Batch:
     """Build a batch from spans (subject index, start, stop) of `store`'s timelines.
 
@@ -64,7 +73,8 @@ def assemble(
     stop - start - 1 inputs) or an input too (contexts to continue: its target is padding, not counted).
     Events of each modality are the up to k_max (int, or per modality) most recent strictly before
     `at_times_us[b]` (default: the time of row b's last input token), truncated to max_tokens[name] encoder
-    tokens. `unsafe_ignore_event_time=True` retrieves the most recent events whatever their time, future
+    tokens. media_retrieval "token": also every event from the row's first timeline token's time up to the
+    retrieval time, with k_visible = k_max (module docstring). `unsafe_ignore_event_time=True` retrieves the most recent events whatever their time, future
     ones included: it exists ONLY for the evaluation's leakage test. Never set it otherwise.
     """
     P = store.static_len
@@ -97,18 +107,36 @@ def assemble(
     at = tim[np.arange(B), retrieve_at] if at_times_us is None else np.asarray(at_times_us, dtype=np.int64)
     if unsafe_ignore_event_time:  # leakage test only: events at and after the prediction time come too
         at = np.full(B, NEVER, dtype=np.int64)
+    if media_retrieval not in ("window", "token"):
+        raise ValueError(f"media_retrieval must be 'window' or 'token', got {media_retrieval!r}")
+    first = tim[:, P]  # each row's first timeline token's time
     modalities = {}
     for name, ms in (modality_stores or {}).items():
+        k = k_visible = _k_for(k_max, name)
+        carried = None  # per row, how many of its fetched events it carries (token retrieval)
+        if media_retrieval == "token":  # + the events within the row's span: each token its own K_m
+            index = ms.store if isinstance(ms, EventPayloads) else ms
+            within = [index.count_between(int(s), int(f), int(a)) for s, f, a in zip(subject_ids, first, at)]
+            carried = torch.tensor(within, dtype=torch.int64) + k
+            k += max(within, default=0)
+        else:
+            k_visible = None
         if isinstance(ms, EventPayloads):  # a finetuned encoder: raw payloads, encoded inside the model
-            modalities[name] = ms.fetch(subject_ids, at, _k_for(k_max, name))
+            inputs = ms.fetch(subject_ids, at, k)
+            if carried is not None:  # a row's older events past its own K_m + span no token ever sees
+                inputs.event_mask &= torch.arange(k)[None, :] < carried[:, None]
+            modalities[name] = dataclasses.replace(inputs, k_visible=k_visible)
             continue
         n_tokens = (max_tokens or {}).get(name)
-        emb, token_mask, event_time, event_mask = ms.fetch(subject_ids, at, _k_for(k_max, name), n_tokens)
+        emb, token_mask, event_time, event_mask = ms.fetch(subject_ids, at, k, n_tokens)
+        if carried is not None:
+            event_mask &= np.arange(k)[None, :] < carried.numpy()[:, None]
         modalities[name] = ModalityInputs(
             torch.from_numpy(emb),
             torch.from_numpy(token_mask),
             torch.from_numpy(event_time),
             torch.from_numpy(event_mask),
+            k_visible=k_visible,
         )
     inputs = tok[:, :T].copy()
     inputs[np.arange(T)[None, :] >= lengths[:, None]] = pad  # a shorter row's last target is not an input
@@ -135,6 +163,7 @@ def context_batch(
     *,
     max_tokens: Mapping[str, int | None] | None = None,
     unsafe_ignore_event_time: bool = False,
+    media_retrieval: Literal["window", "token"] = "window",
 ) -> Batch:
     """ONE context to continue (B = 1): the static prefix as of the first kept token, then the last
     `max_len - static_len` timeline tokens before position `end` (exclusive), and per modality the up to
@@ -152,7 +181,8 @@ def context_batch(
         )
     at = None if at_time_us is None else [at_time_us]
     return assemble(store, [(subject_index, max(0, end - keep), end)], modality_stores, k_max, last_is_target=False,
-                    at_times_us=at, max_tokens=max_tokens, unsafe_ignore_event_time=unsafe_ignore_event_time)  # fmt: skip
+                    at_times_us=at, max_tokens=max_tokens, unsafe_ignore_event_time=unsafe_ignore_event_time,
+                    media_retrieval=media_retrieval)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,6 +194,7 @@ class TrainWindows:
 
     block_size: model context (static prefix included); each window covers W = block_size - static_len + 1
     timeline tokens. Timelines shorter than 2 tokens have nothing to predict and are skipped.
+    media_retrieval: which events each token may see (`assemble`; module docstring).
     """
 
     def __init__(
@@ -178,10 +209,12 @@ class TrainWindows:
         stride: int = 0,
         seed: int = 0,
         pad_to_block: bool = False,
+        media_retrieval: Literal["window", "token"] = "window",
     ):
         self.store, self.block_size = store, block_size
         self.modality_stores = dict(modality_stores or {})
         self.k_max, self.max_tokens = k_max, dict(max_tokens or {})
+        self.media_retrieval = media_retrieval
         self.window = block_size - store.static_len + 1
         if self.window < 2:
             raise ValueError(f"block_size {block_size} leaves no room after {store.static_len} static tokens")
@@ -225,7 +258,8 @@ class TrainWindows:
     def batch(self, rows: np.ndarray) -> Batch:
         """Rows (n, 3) of a plan -> a training batch."""
         return assemble(self.store, rows.tolist(), self.modality_stores, self.k_max, last_is_target=True,
-                        max_tokens=self.max_tokens, pad_to=self.pad_to)  # fmt: skip
+                        max_tokens=self.max_tokens, pad_to=self.pad_to,
+                        media_retrieval=self.media_retrieval)  # fmt: skip
 
     def micro_batch(self, m: int, batch_size: int) -> Batch:
         """Micro-batch m (counted from the first epoch): windows [m B, (m + 1) B) of the concatenated plans,

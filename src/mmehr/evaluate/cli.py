@@ -166,6 +166,7 @@ def eval_data_from_config(cfg: TrainConfig, args: argparse.Namespace) -> EvalDat
         modality_stores=modality_stores(cfg),
         k_max={name: m.k_max for name, m in mods.items()},
         max_tokens={name: m.max_tokens for name, m in mods.items()},
+        media_retrieval=cfg.data.media_retrieval,
     )
 
 

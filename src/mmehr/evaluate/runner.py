@@ -74,8 +74,9 @@ class EvalData:
     """Where contexts come from: the tokenized timelines and the modality embedding stores (or, for a
     finetuned encoder, its events' payloads: the model encodes them, as in training).
 
-    context_tokens: tokens per context, static prefix included (<= the model's block_size); k_max and
-    max_tokens: events per modality and encoder tokens per event, as in training.
+    context_tokens: tokens per context, static prefix included (<= the model's block_size); k_max,
+    max_tokens and media_retrieval: events per modality, encoder tokens per event, and which events each
+    token may see, as in training.
     """
 
     timelines: Path
@@ -83,6 +84,7 @@ class EvalData:
     modality_stores: dict[str, ModalitySource] = field(default_factory=dict)
     k_max: int | dict[str, int] = 4
     max_tokens: dict[str, int | None] | None = None
+    media_retrieval: str = "window"
 
 
 @dataclass
@@ -210,6 +212,7 @@ def chunk_contexts(
         at_times_us=part["prediction_time"].to_list(),
         max_tokens=data.max_tokens,
         unsafe_ignore_event_time=unsafe_leak,
+        media_retrieval=data.media_retrieval,
     )
 
 

@@ -10,6 +10,7 @@ and `ChunkReplayer` re-runs chunks, with modalities hidden for the knock-outs, o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,7 @@ def replay_of_evaluation(eval_dir: Path, task_name: str, checkpoint: Path, data:
         raise ValueError(f"{eval_dir} was evaluated from {made_from}, not from --checkpoint {checkpoint}")
     task = from_dict(TaskConfig, fp["task"], where=str(fp_path))
     settings = from_dict(SamplerSettings, fp["sampler"], where=str(fp_path))
-    data = EvalData(
-        data.timelines, int(fp["context_tokens"]), data.modality_stores, data.k_max, data.max_tokens
-    )
+    data = dataclasses.replace(data, context_tokens=int(fp["context_tokens"]))
     store = TimelineStore(data.timelines, fp["split"])
     samples = task_samples(task, store, max_samples=int(fp["samples"]))
     if samples_sha256(samples) != fp["samples_sha256"]:

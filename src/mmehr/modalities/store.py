@@ -165,6 +165,14 @@ class EmbeddingStore:
         j = lo + np.searchsorted(self.time[lo:hi], time_us, side="left")  # equal times are not before
         return np.arange(j - 1, max(lo, j - k) - 1, -1)
 
+    def count_between(self, subject_id: int, lo_us: int, hi_us: int) -> int:
+        """How many of the subject's events were acquired at or after lo_us and strictly before hi_us."""
+        s = np.searchsorted(self.subject_ids, subject_id)
+        if s == len(self.subject_ids) or self.subject_ids[s] != subject_id or hi_us <= lo_us:
+            return 0
+        times = self.time[self._start[s] : self._end[s]]
+        return int(np.searchsorted(times, hi_us, side="left") - np.searchsorted(times, lo_us, side="left"))
+
     def events_before(self, subject_id: int, time_us: int, k: int) -> list[tuple[int, np.ndarray]]:
         return [(int(self.time[i]), self.embedding(i)) for i in self.rows_before(subject_id, time_us, k)]
 

@@ -31,34 +31,77 @@ from mmehr.model.decoder import MLP, Dropout, attention
 
 
 @dataclass
+class Cap:
+    """A modality whose tokens see at most `k` of their row's events (`ModalityInputs.k_visible`): its
+    media tokens are [start, start + K n_out) of the Media, event by event; time and present (B, K) are
+    its events' acquisition times and presence."""
+
+    start: int
+    n_out: int
+    k: int
+    time: Tensor
+    present: Tensor
+
+    def select(self, rows: Tensor) -> Cap:
+        return Cap(self.start, self.n_out, self.k, self.time[rows], self.present[rows])
+
+    def keep(self, seen_before: Tensor) -> Tensor:
+        """(B, T, K n_out) bool: per token (its visibility time, (B, T)), the media tokens of its k most
+        recent events acquired strictly before it. An event's rank is the number of visible events newer
+        than it (at equal times, those before it in the row's order: the stores fetch most recent first)."""
+        visible = self.present[:, None, :] & (self.time[:, None, :] < seen_before[:, :, None])  # (B, T, K)
+        t = self.time
+        K = t.shape[1]
+        earlier_slot = torch.ones(K, K, dtype=torch.bool, device=t.device).tril(-1)  # [j, j']: j' < j
+        newer_than = (t[:, None, :] > t[:, :, None]) | ((t[:, None, :] == t[:, :, None]) & earlier_slot)
+        rank = (visible[:, :, None, :] & newer_than[:, None, :, :]).sum(-1)  # (B, T, K): newer visible events
+        return (visible & (rank < self.k)).repeat_interleave(self.n_out, dim=-1)
+
+
+@dataclass
 class Media:
     """The compressed tokens of every modality event of a batch, concatenated over modalities.
 
     tokens (B, M, D); valid (B, M) bool (event present and token real); time (B, M) int64 µs, the
-    acquisition time of each token's event. Computed once per batch by `Fusion.encode_media`.
+    acquisition time of each token's event; caps: the modalities whose tokens see only their k most recent
+    events (`Cap`). Computed once per batch by `Fusion.encode_media`.
     """
 
     tokens: Tensor
     valid: Tensor
     time: Tensor
+    caps: tuple[Cap, ...] = ()
 
     def select(self, rows: Tensor) -> Media:
         """Rows (bool mask or index, repeats allowed: e.g. one row per rollout)."""
-        return Media(self.tokens[rows], self.valid[rows], self.time[rows])
+        caps = tuple(c.select(rows) for c in self.caps)
+        return Media(self.tokens[rows], self.valid[rows], self.time[rows], caps)
+
+
+def capped_visibility(seen_before: Tensor, time: Tensor, valid: Tensor, caps: tuple[Cap, ...]) -> Tensor:
+    """(B, T, M) bool: what tokens whose visibility times are `seen_before` (B, T) may attend: the media
+    acquired strictly before them (`visible_media`), of a capped modality only its k most recent events."""
+    visible = visible_media(seen_before, time, valid)
+    for cap in caps:
+        keep = cap.keep(seen_before)
+        visible[:, :, cap.start : cap.start + keep.shape[-1]] &= keep
+    return visible
 
 
 @dataclass
 class MediaCache:
     """What generation keeps per row beside the decoder's KV cache: the media's validity and time
-    (B, M) and each cross-attention block's keys/values {layer: ((B, nh, M, hs), (B, nh, M, hs))}."""
+    (B, M), each cross-attention block's keys/values {layer: ((B, nh, M, hs), (B, nh, M, hs))}, and the
+    media's caps."""
 
     valid: Tensor
     time: Tensor
     kv: dict[int, tuple[Tensor, Tensor]]
+    caps: tuple[Cap, ...] = ()
 
     def select(self, rows: Tensor) -> MediaCache:
         kv = {layer: (k[rows], v[rows]) for layer, (k, v) in self.kv.items()}
-        return MediaCache(self.valid[rows], self.time[rows], kv)
+        return MediaCache(self.valid[rows], self.time[rows], kv, tuple(c.select(rows) for c in self.caps))
 
 
 def visible_media(times: Tensor, media_time: Tensor, media_valid: Tensor) -> Tensor:
@@ -221,7 +264,7 @@ class Fusion(nn.Module):
                 f"modalities {sorted(unknown)} are not enabled in the model config "
                 f"(enabled: {sorted(self.compressors) or 'none'})"
             )
-        parts = []
+        parts, caps, offset = [], [], 0
         for index, (name, compressor) in enumerate(self.compressors.items()):
             inp = modalities.get(name)
             if inp is None:
@@ -251,9 +294,12 @@ class Fusion(nn.Module):
                 tokens = tokens + self.modality_embedding.weight[index].to(tokens.dtype)
             time = inp.event_time[:, :, None].expand(B, K, n_out)
             parts.append((tokens.flatten(1, 2), valid.flatten(1, 2), time.flatten(1, 2)))  # M += K_m n_out
+            if inp.k_visible is not None and inp.k_visible < K:  # per-token retrieval: each token its k
+                caps.append(Cap(offset, n_out, inp.k_visible, inp.event_time, present))
+            offset += K * n_out
         if not parts:
             return None
-        return Media(*(torch.cat(p, dim=1) for p in zip(*parts)))
+        return Media(*(torch.cat(p, dim=1) for p in zip(*parts)), caps=tuple(caps))
 
     def _run_encoder(self, name: str, payload: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         emb, mask = self.encoders[name](**payload)  # (E, N, d_enc), (E, N)
@@ -301,7 +347,7 @@ class Fusion(nn.Module):
         if media is None or not self.xattn or media.tokens.shape[1] == 0:
             return None
         kv = {int(i): block.attn.media_kv(media.tokens) for i, block in self.xattn.items()}
-        return MediaCache(media.valid, media.time, kv)
+        return MediaCache(media.valid, media.time, kv, media.caps)
 
     # -- per call: who sees what --
     def draw_cutoff(self, times: Tensor) -> Tensor | None:
@@ -328,15 +374,15 @@ class Fusion(nn.Module):
         min(its own time, cutoff); the time bias still reads each event's age at the token's own time.
         """
         if cache is not None:
-            valid, media_time, tokens, kv = cache.valid, cache.time, None, cache.kv
+            valid, media_time, tokens, kv, caps = cache.valid, cache.time, None, cache.kv, cache.caps
         elif media is not None and media.tokens.shape[1] > 0:
-            valid, media_time, tokens, kv = media.valid, media.time, media.tokens, None
+            valid, media_time, tokens, kv, caps = media.valid, media.time, media.tokens, None, media.caps
         else:
             return None
         if times is None or times.ndim != 2 or times.shape[0] != valid.shape[0] or times.dtype != torch.int64:
             raise ValueError(f"times must be int64 µs (B, T) matching the media's {valid.shape[0]} rows")
         seen_before = times if cutoff is None else torch.minimum(times, cutoff[:, None])
-        visible = visible_media(seen_before, media_time, valid)  # (B, T, M)
+        visible = capped_visibility(seen_before, media_time, valid, caps)  # (B, T, M)
         has_any = visible.any(-1)  # (B, T)
         mask = (visible | ~has_any[..., None]).unsqueeze(1)  # (B, 1, T, M): no fully masked row, no NaN
         if self.time_bias is not None:
