@@ -268,3 +268,21 @@ def test_bad_spans_and_sizes_fail_clearly(train_store):
         TrainWindows(train_store, block_size=train_store.static_len)
     with pytest.raises(ValueError, match="exceeds"):
         TrainWindows(train_store, 64).micro_batch(0, 10**7)
+
+
+def test_under_token_retrieval_every_token_sees_its_own_k_most_recent_events(train_store, notes):
+    """benchmarks/retrieval_shares.py: under "window" some tokens of the demo's windows see other notes
+    than their own K most recent (their window's later notes pushed them out); under "token" none does."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from retrieval_shares import differing_share
+
+    shares = {
+        mode: differing_share(
+            TrainWindows(train_store, 64, {"note": notes}, 2, seed=0, media_retrieval=mode), "note", 48
+        )
+        for mode in ("window", "token")
+    }
+    assert shares["window"][0] > 0.0 and shares["token"][0] == 0.0
+    assert shares["window"][1] == shares["token"][1] > 1000
