@@ -74,8 +74,9 @@ def assemble(
     Events of each modality are the up to k_max (int, or per modality) most recent strictly before
     `at_times_us[b]` (default: the time of row b's last input token), truncated to max_tokens[name] encoder
     tokens. media_retrieval "token": also every event from the row's first timeline token's time up to the
-    retrieval time, with k_visible = k_max (module docstring). `unsafe_ignore_event_time=True` retrieves the most recent events whatever their time, future
-    ones included: it exists ONLY for the evaluation's leakage test. Never set it otherwise.
+    retrieval time, with k_visible = k_max (module docstring). `unsafe_ignore_event_time=True` retrieves
+    the most recent events whatever their time, future ones included: it exists ONLY for the evaluation's
+    leakage test. Never set it otherwise.
     """
     P = store.static_len
     pad = store.vocab.pad_id

@@ -10,7 +10,8 @@ Temporal alignment: token i (time t_i) sees media token j (of event e) only if e
 at the same microsecond is invisible), and, for a modality whose inputs set `k_visible` (per-token
 retrieval, `mmehr.data.windows`), e is among the k_visible most recent such events (`Cap`). A token
 with no visible media token gets an exactly zero update from the whole block: its attention row is never
-softmaxed into uniform attention (the Flamingo trap), and never NaN. So with every gate closed, or no visible events, the model computes the EHR-only decoder.
+softmaxed into uniform attention (the Flamingo trap), and never NaN. So with every gate closed, or no
+visible events, the model computes the EHR-only decoder.
 
 Shapes: B rows, T tokens, D = n_embd, nh heads, hs = D // nh; per modality K_m events of N encoder
 tokens (d_enc wide), each compressed to n_out tokens; M = the media tokens of a row, all modalities.
