@@ -20,6 +20,11 @@ the state that sampling the future does not use. A condition probe at 0.5 means 
 never reached the decoder; the EHR part's R^2 says how well the state reads the EHR. Writes JSON
 (`--out`) and prints a markdown table. This is how the ECG run was found to learn its training stays'
 outcomes through their ECGs (docs/experiments.md, "What the decoder's state holds").
+
+`--stages` follows each condition along the fusion, to say where a run that does not weigh it loses it:
+the compressor's latents of the modality's most recent event before the prediction time (the encoder's
+stored embeddings carry every condition at AUROC 1.000: the report's probe), the first cross-attention
+block's output at the prediction token (before its gate), and the state.
 """
 
 from __future__ import annotations
@@ -57,20 +62,67 @@ def context_states(
     hidden: tuple[str, ...] = (),
     max_samples: int | None = None,
     batch_size: int = 32,
+    stages: dict[str, list[np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, pl.DataFrame]:
     """The task's samples on `split` (`task_samples`, as the evaluation draws them) and the model's final
-    hidden state at each context's last token, (N, D) float32, row i for sample i."""
+    hidden state at each context's last token, (N, D) float32, row i for sample i.
+
+    `stages`, when given, is filled with the fusion's intermediate outputs, row i for sample i (one array
+    per batch; `np.concatenate` them): `latents:<m>`, the compressor's output for modality m's most recent
+    event before the prediction time, flattened (zeros where the context has none), and `xattn:<layer>`,
+    that cross-attention block's attention output at the context's last token, before its gate."""
     model.eval()
     store = TimelineStore(data.timelines, split)
     samples = task_samples(task, store, max_samples=max_samples)
     stores = visible_stores(data, hidden)
+    blocks = model.fusion.xattn.items() if stages is not None and model.fusion is not None else ()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        b.attn.register_forward_hook(lambda _m, _i, o, key=f"xattn:{i}": seen.__setitem__(key, o))
+        for i, b in blocks
+    ]
     out = []
-    for start in range(0, samples.height, batch_size):
-        batch = chunk_contexts(store, samples.slice(start, batch_size), data, stores)
-        h = model.states(batch.tokens, batch.times, batch.modalities or None)  # right-padded rows
-        out.append(h[torch.arange(len(batch)), batch.lengths - 1].float().numpy())
+    try:
+        for start in range(0, samples.height, batch_size):
+            batch = chunk_contexts(store, samples.slice(start, batch_size), data, stores)
+            seen.clear()
+            h = model.states(batch.tokens, batch.times, batch.modalities or None)  # right-padded rows
+            last = torch.arange(len(batch)), batch.lengths - 1
+            out.append(h[last].float().numpy())
+            if stages is None:
+                continue
+            for i, _ in blocks:  # a block skipped (no media in the batch) added nothing
+                o = seen.get(f"xattn:{i}")
+                stages.setdefault(f"xattn:{i}", []).append(
+                    o[last].float().numpy() if o is not None else np.zeros_like(out[-1])
+                )
+            for name, latents in latest_event_latents(model, batch.modalities or {}).items():
+                stages.setdefault(f"latents:{name}", []).append(latents)
+    finally:
+        for hook in hooks:
+            hook.remove()
     d = model.config.n_embd
     return (np.concatenate(out) if out else np.zeros((0, d), np.float32)), samples
+
+
+@torch.no_grad()
+def latest_event_latents(model: GPT, modalities: dict) -> dict[str, np.ndarray]:
+    """Per enabled modality, each row's most recent present event compressed (as `Fusion.encode_media`
+    compresses a stored one at evaluation), flattened to (B, n_out * D); zeros where a row has none."""
+    out = {}
+    for name, compressor in model.fusion.compressors.items():
+        inp = modalities.get(name)
+        if inp is None or inp.emb is None:
+            continue
+        present = inp.event_mask & inp.token_mask.any(-1)  # (B, K)
+        has = present.any(1)
+        rows = torch.arange(present.shape[0])[has]
+        latest = torch.where(present, inp.event_time, torch.iinfo(torch.int64).min).argmax(1)[has]
+        z, _ = compressor(inp.emb[rows, latest], inp.token_mask[rows, latest])  # (E, n_out, D)
+        flat = np.zeros((present.shape[0], z[0].numel()), np.float32)
+        flat[has.numpy()] = z.flatten(1).float().numpy()
+        out[name] = flat
+    return out
 
 
 def probe_auroc(
@@ -115,16 +167,19 @@ def _with_truth(samples: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
 
 def probe_run(
     run: Path, task: TaskConfig, truth: pl.DataFrame, cfg: dict, *, hidden: tuple[str, ...] = (),
-    train_samples: int = 800, max_samples: int = 200,
+    train_samples: int = 800, max_samples: int = 200, stages: bool = False,
 ) -> dict:  # fmt: skip
     """Every probe of one run (`RUN/train`), beside its zero-shot AUROC on the same held-out samples."""
     model, train_cfg = load_model(run / "train", "cpu")
     data = eval_data_from_config(train_cfg, argparse.Namespace(context_tokens=None, timelines=None))
-    parts = {}
+    parts, staged = {}, {}
     for split, n in (("train", train_samples), ("held_out", max_samples)):
-        x, samples = context_states(model, data, task, split, hidden=hidden, max_samples=n)
+        kept: dict[str, list[np.ndarray]] | None = {} if stages else None
+        x, samples = context_states(model, data, task, split, hidden=hidden, max_samples=n, stages=kept)
         d = _with_truth(samples, truth)
-        parts[split] = (x[d["row"].to_numpy()], d)
+        rows = d["row"].to_numpy()
+        parts[split] = (x[rows], d)
+        staged[split] = {k: np.concatenate(v)[rows] for k, v in (kept or {}).items()}
     (x_tr, d_tr), (x_ev, d_ev) = parts["train"], parts["held_out"]
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     x_tr, x_ev = (x_tr - mu) / sd, (x_ev - mu) / sd
@@ -141,6 +196,17 @@ def probe_run(
     }
     for c in CONDITIONS:
         out[c] = probe_auroc(x_tr, d_tr[c].to_numpy(), groups, x_ev, d_ev[c].to_numpy())
+    if stages:  # where each condition is lost: the latents, the cross-attention, the state
+        out["stages"] = {}
+        for key in sorted(staged["train"]):
+            s_tr, s_ev = staged["train"][key], staged["held_out"][key]
+            mu, sd = s_tr.mean(0), s_tr.std(0) + 1e-6
+            s_tr, s_ev = (s_tr - mu) / sd, (s_ev - mu) / sd
+            name = key.split(":", 1)[1]
+            conds = [CONDITION_OF[name]] if key.startswith("latents:") else list(CONDITIONS)
+            out["stages"][key] = {
+                c: probe_auroc(s_tr, d_tr[c].to_numpy(), groups, s_ev, d_ev[c].to_numpy()) for c in conds
+            }
     pred = run / "eval" / task.name / "predictions.parquet"
     if pred.is_file() and not hidden:  # the rollouts' AUROC on the same samples
         p = pl.read_parquet(pred).with_columns(pl.col("prediction_time").cast(pl.Int64))
@@ -168,6 +234,20 @@ def markdown(records: list[dict], task: str) -> str:
             for k in ("zero_shot", "outcome", "outcome_train", "ehr_part_r2", *CONDITIONS)
         ]
         lines.append(f"| {name} | {r['n_train']} / {r['n_eval']} | " + " | ".join(cells) + " |")
+    staged = [r for r in records if r.get("stages")]
+    if staged:  # each condition along the fusion: latents -> cross-attention output -> state
+        lines += ["", f"Each condition along the fusion, {task} (probe AUROC; `--stages`)", ""]
+        lines += [
+            "| run | condition | latents (its modality's latest event) | cross-attention output | state |"
+        ]
+        lines.append("|---|---|---|---|---|")
+        for r in staged:
+            name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
+            xattn = [v for k, v in sorted(r["stages"].items()) if k.startswith("xattn:")]
+            for modality, c in CONDITION_OF.items():
+                latent = r["stages"].get(f"latents:{modality}", {}).get(c, float("nan"))
+                cells = [latent, *(x.get(c, float("nan")) for x in xattn[:1] or [{}]), r.get(c, float("nan"))]
+                lines.append(f"| {name} | {c} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -179,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-samples", type=int, default=800, help="train-split samples the probes fit on")
     ap.add_argument("--max-samples", type=int, default=200, help="held-out samples, as `mmehr evaluate`'s")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--stages", action="store_true",
+        help="also probe each condition in the compressor's latents and the cross-attention's output",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the records as JSON here")
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (RUN/train holds the checkpoint)")
     args = ap.parse_args(argv)
@@ -189,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for run in args.runs:
         records.append(probe_run(run, task, truth, cfg, hidden=tuple(args.hide), train_samples=args.train_samples,
-                                 max_samples=args.max_samples))  # fmt: skip
+                                 max_samples=args.max_samples, stages=args.stages))  # fmt: skip
         print(json.dumps(records[-1]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,14 @@ from mmehr.data.timelines import TimelineStore
 from mmehr.evaluate.cli import eval_data_from_config
 from mmehr.evaluate.runner import chunk_contexts
 from mmehr.evaluate.tasks import load_task
-from probe_states import context_states, markdown, probe_auroc, probe_auroc_within, probe_r2
+from probe_states import (
+    context_states,
+    latest_event_latents,
+    markdown,
+    probe_auroc,
+    probe_auroc_within,
+    probe_r2,
+)
 
 
 def test_probes_recover_a_planted_signal_and_give_nothing_without_one():
@@ -80,9 +87,43 @@ def test_hiding_every_modality_changes_the_states_of_samples_with_events(run):
     assert (np.abs(seen - blind).max(axis=1) > 1e-4).any()  # some contexts have media before them
 
 
+def test_the_stages_are_each_samples_own_latents_and_cross_attention_output(run):
+    model, data, task = run
+    stages, alone = {}, {}
+    x, samples = context_states(model, data, task, "held_out", max_samples=12, batch_size=12, stages=stages)
+    context_states(model, data, task, "held_out", max_samples=12, batch_size=1, stages=alone)
+    layers = [f"xattn:{i}" for i in model.fusion.xattn]
+    assert sorted(stages) == sorted([*layers, *(f"latents:{m}" for m in model.fusion.compressors)])
+    for key in stages:  # the batch's other rows and its padding do not reach a sample's stage
+        np.testing.assert_allclose(np.concatenate(stages[key]), np.concatenate(alone[key]), atol=1e-4)
+    xattn = np.concatenate(stages[layers[0]])
+    assert xattn.shape == x.shape and np.abs(xattn).max() > 0
+    # a row's latents are its latest present event compressed alone; a row without one gets zeros
+    batch = chunk_contexts(TimelineStore(data.timelines, "held_out"), samples, data, data.modality_stores)
+    for name, latents in latest_event_latents(model, batch.modalities).items():
+        inp = batch.modalities[name]
+        present = (inp.event_mask & inp.token_mask.any(-1)).numpy()
+        assert (latents[~present.any(1)] == 0).all()
+        for row in np.flatnonzero(present.any(1))[:2]:
+            k = max(np.flatnonzero(present[row]), key=lambda j: int(inp.event_time[row, j]))
+            with torch.no_grad():
+                z, _ = model.fusion.compressors[name](inp.emb[row, k][None], inp.token_mask[row, k][None])
+            np.testing.assert_allclose(latents[row], z.flatten().numpy(), atol=1e-5)
+    blind = {}
+    context_states(
+        model, data, task, "held_out", max_samples=12, hidden=tuple(data.modality_stores), stages=blind
+    )
+    assert not any(k.startswith("latents:") for k in blind)  # nothing to compress
+
+
 def test_the_table_has_a_cell_under_every_heading():
     record = {"run": "r", "hidden": [], "n_train": 8, "n_eval": 2, "outcome": 0.7, "outcome_train": 0.8,
               "ehr_part_r2": 0.5, "af": 0.9, "opacity": 0.5, "symptom": 0.5, "zero_shot": 0.6}  # fmt: skip
     head, rule, row = markdown([record], "icu_admission").splitlines()[2:]
     assert head.count("|") == rule.count("|") == row.count("|")
     assert "| 0.600 | 0.700 | 0.800 | 0.500 | 0.900 |" in row  # zero-shot, held out, train, R², AF
+    record["stages"] = {"latents:ecg": {"af": 0.95}, "xattn:1": {"af": 0.6, "opacity": 0.5, "symptom": 0.7}}
+    staged = markdown([record], "icu_admission").split("along the fusion")[1].splitlines()
+    rows = [line for line in staged if line.startswith("| r |")]
+    assert len(rows) == 3 and "| af | 0.950 | 0.600 | 0.900 |" in rows[0]  # latents, cross-attention, state
+    assert "| symptom | nan | 0.700 | 0.500 |" in rows[2]  # no note latents in this record
