@@ -108,9 +108,10 @@ def context_states(
 @torch.no_grad()
 def latest_event_latents(model: GPT, modalities: dict) -> dict[str, np.ndarray]:
     """Per enabled modality, each row's most recent present event compressed (as `Fusion.encode_media`
-    compresses a stored one at evaluation), flattened to (B, n_out * D); zeros where a row has none."""
-    out = {}
-    for name, compressor in model.fusion.compressors.items():
+    compresses a stored one at evaluation), flattened to (B, n_out * D); zeros where a row has none. An
+    EHR-only model has none."""
+    out: dict[str, np.ndarray] = {}
+    for name, compressor in model.fusion.compressors.items() if model.fusion is not None else ():
         inp = modalities.get(name)
         if inp is None or inp.emb is None:
             continue

@@ -116,6 +116,16 @@ def test_the_stages_are_each_samples_own_latents_and_cross_attention_output(run)
     assert not any(k.startswith("latents:") for k in blind)  # nothing to compress
 
 
+def test_an_ehr_only_run_has_no_stages(fast_demo_out: Path):
+    model, cfg = load_model(fast_demo_out / "experiments" / "runs" / "ehr_only" / "seed0" / "train", "cpu")
+    data = eval_data_from_config(cfg, argparse.Namespace(context_tokens=None, timelines=None))
+    stages = {}
+    x, _ = context_states(
+        model, data, load_task("hospital_mortality"), "held_out", max_samples=4, stages=stages
+    )
+    assert model.fusion is None and stages == {} and len(x) > 0
+
+
 def test_the_table_has_a_cell_under_every_heading():
     record = {"run": "r", "hidden": [], "n_train": 8, "n_eval": 2, "outcome": 0.7, "outcome_train": 0.8,
               "ehr_part_r2": 0.5, "af": 0.9, "opacity": 0.5, "symptom": 0.5, "zero_shot": 0.6}  # fmt: skip
