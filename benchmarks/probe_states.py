@@ -166,6 +166,12 @@ def _with_truth(samples: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     return join_stays(s, truth, time_col="prediction_time").sort("row")
 
 
+def _standardised(train: np.ndarray, held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both scaled by the train rows' per-feature mean and standard deviation."""
+    mu, sd = train.mean(0), train.std(0) + 1e-6
+    return (train - mu) / sd, (held_out - mu) / sd
+
+
 def probe_run(
     run: Path, task: TaskConfig, truth: pl.DataFrame, cfg: dict, *, hidden: tuple[str, ...] = (),
     train_samples: int = 800, max_samples: int = 200, stages: bool = False,
@@ -182,8 +188,7 @@ def probe_run(
         parts[split] = (x[rows], d)
         staged[split] = {k: np.concatenate(v)[rows] for k, v in (kept or {}).items()}
     (x_tr, d_tr), (x_ev, d_ev) = parts["train"], parts["held_out"]
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    x_tr, x_ev = (x_tr - mu) / sd, (x_ev - mu) / sd
+    x_tr, x_ev = _standardised(x_tr, x_ev)
     ehr = {k: cfg["ehr_strength"] * d["visible_risk"].to_numpy() for k, (_, d) in parts.items()}
     groups = d_tr["subject_id"].to_numpy()
     out = {
@@ -200,9 +205,7 @@ def probe_run(
     if stages:  # where each condition is lost: the latents, the cross-attention, the state
         out["stages"] = {}
         for key in sorted(staged["train"]):
-            s_tr, s_ev = staged["train"][key], staged["held_out"][key]
-            mu, sd = s_tr.mean(0), s_tr.std(0) + 1e-6
-            s_tr, s_ev = (s_tr - mu) / sd, (s_ev - mu) / sd
+            s_tr, s_ev = _standardised(staged["train"][key], staged["held_out"][key])
             name = key.split(":", 1)[1]
             conds = [CONDITION_OF[name]] if key.startswith("latents:") else list(CONDITIONS)
             out["stages"][key] = {
@@ -217,6 +220,10 @@ def probe_run(
     return out
 
 
+def _run_name(record: dict) -> str:
+    return record["run"] + (f" (without {'+'.join(record['hidden'])})" if record["hidden"] else "")
+
+
 def markdown(records: list[dict], task: str) -> str:
     head = (
         "| run | n (train / eval) | zero-shot | probe: outcome | outcome, train out of fold | EHR part R² | "
@@ -229,7 +236,7 @@ def markdown(records: list[dict], task: str) -> str:
     ]
     lines.append("|---" * (6 + len(CONDITIONS)) + "|")
     for r in records:
-        name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
+        name = _run_name(r)
         cells = [
             f"{r.get(k, float('nan')):.3f}"
             for k in ("zero_shot", "outcome", "outcome_train", "ehr_part_r2", *CONDITIONS)
@@ -243,7 +250,7 @@ def markdown(records: list[dict], task: str) -> str:
         ]
         lines.append("|---|---|---|---|---|")
         for r in staged:
-            name = r["run"] + (f" (without {'+'.join(r['hidden'])})" if r["hidden"] else "")
+            name = _run_name(r)
             xattn = [v for k, v in sorted(r["stages"].items()) if k.startswith("xattn:")]
             for modality, c in CONDITION_OF.items():
                 latent = r["stages"].get(f"latents:{modality}", {}).get(c, float("nan"))
